@@ -1,0 +1,185 @@
+"""Attention forms of ARCHITECTURE 3.1, on `jax.nn.dot_product_attention`.
+
+Kernels (pure functions, inputs (B, T, N, H), `key_pad` True at PAD):
+  - `sliding_window_attention`: causal, position t sees keys [t-W+1, t], never PAD keys. Blocked into chunks of W
+    queries that see their own and the previous chunk (2W keys per query), so cost and memory grow linearly in S.
+    With implementation 'cudnn' the plain call with `local_window_size` is used instead (cuDNN skips masked tiles).
+  - `causal_attention`: full causal, never PAD keys (top transformer; expander with d_window = 0).
+  - `segment_cross_attention`: each query sees a small per-query set of memory rows (the rows of its own segment and
+    `lookback` segments before it), gathered so that cost is linear in S.
+A query that may see no key at all (PAD queries, empty rows) gets a zero output, never NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from .layers import apply_rope, constrain, kernel_init
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _xla_attention(q, k, v, mask):
+    """dot_product_attention (XLA) with a boolean mask broadcastable to (B, N, T, S); zero output for empty rows."""
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    any_key = jnp.any(mask, axis=-1)  # (B|1, N|1, T)
+    any_key = jnp.broadcast_to(any_key, (q.shape[0], any_key.shape[1], q.shape[1]))
+    any_key = jnp.swapaxes(any_key, 1, 2)[..., None]  # (B, T, N|1, 1)
+    return jnp.where(any_key, out, jnp.zeros((), out.dtype))
+
+
+def banded_causal_mask(t: int, window: int) -> jax.Array:
+    """(T, T) True where key j is visible from query i: i - window < j <= i (window <= 0: full causal)."""
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    allowed = j <= i
+    if window > 0:
+        allowed &= j > i - window
+    return allowed
+
+
+def causal_attention(q, k, v, key_pad, *, window: int = 0, implementation: str = "xla"):
+    """Dense causal attention (optionally banded to `window`); O(T^2): use for short sequences."""
+    t = q.shape[1]
+    if implementation == "cudnn":
+        return _cudnn_attention(q, k, v, key_pad, window)
+    mask = banded_causal_mask(t, window)[None, None] & ~key_pad[:, None, None, :]
+    return _xla_attention(q, k, v, mask)
+
+
+def _cudnn_attention(q, k, v, key_pad, window):
+    # cuDNN expresses padding as per-row lengths: PAD must be a suffix of the row (our rows are BOS..EOS then PAD).
+    lengths = jnp.sum(~key_pad, axis=-1).astype(jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=True,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        local_window_size=(window - 1, 0) if window > 0 else None,
+        implementation="cudnn",
+    )
+    return jnp.where(key_pad[:, :, None, None], jnp.zeros((), out.dtype), out)
+
+
+def sliding_window_attention(q, k, v, key_pad, *, window: int, implementation: str = "xla"):
+    """Causal sliding-window attention, linear in T.
+
+    q, k, v: (B, T, N, H); key_pad: (B, T) True at PAD. Position t attends to keys [t-window+1, t] that are not PAD.
+    """
+    b, t, n, h = q.shape
+    if implementation == "cudnn":
+        return _cudnn_attention(q, k, v, key_pad, window)
+    w = window
+    if t <= 2 * w:  # one or two blocks: the dense banded form is cheaper than blocking.
+        return causal_attention(q, k, v, key_pad, window=w)
+    nb = -(-t // w)
+    pad_t = nb * w - t
+    if pad_t:
+        padw = ((0, 0), (0, pad_t), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(a, padw) for a in (q, k, v))
+        key_pad = jnp.pad(key_pad, ((0, 0), (0, pad_t)), constant_values=True)
+    qb = q.reshape(b, nb, w, n, h)
+    kb = k.reshape(b, nb, w, n, h)
+    vb = v.reshape(b, nb, w, n, h)
+    pb = key_pad.reshape(b, nb, w)
+
+    def with_prev(x, fill):
+        prev = jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+        return jnp.concatenate([prev, x], axis=2)  # (B, nb, 2W, ...)
+
+    k2 = with_prev(kb, 0)
+    v2 = with_prev(vb, 0)
+    p2 = with_prev(pb, True)
+    # Query i (absolute b*W + i) sees key j of [prev block, this block] (absolute (b-1)*W + j) iff i < j <= i + W.
+    i = jnp.arange(w)[:, None]
+    j = jnp.arange(2 * w)[None, :]
+    band = (j > i) & (j <= i + w)  # (W, 2W)
+    mask = band[None, None] & ~p2[:, :, None, :]  # (B, nb, W, 2W)
+    out = _xla_attention(
+        qb.reshape(b * nb, w, n, h),
+        k2.reshape(b * nb, 2 * w, n, h),
+        v2.reshape(b * nb, 2 * w, n, h),
+        mask.reshape(b * nb, 1, w, 2 * w),
+    )
+    return out.reshape(b, nb * w, n, h)[:, :t]
+
+
+def segment_cross_attention(q, k, v, q_row, row_valid, *, num_rows_visible: int):
+    """Each query attends to memory rows q_row - num_rows_visible + 1 .. q_row that are valid.
+
+    q: (B, T, N, H); k, v: (B, R, N, H) (RoPE already applied); q_row: (B, T) int, the last row query t may see;
+    row_valid: (B, R) bool. Cost O(T * num_rows_visible): the visible rows are gathered per query.
+    """
+    b, t, n, h = q.shape
+    c = num_rows_visible
+    rows = q_row[:, :, None] - jnp.arange(c)[None, None, ::-1]  # (B, T, C), oldest first
+    in_range = (rows >= 0) & (rows < k.shape[1])
+    rows_c = jnp.clip(rows, 0, k.shape[1] - 1)
+    visible = in_range & jnp.take_along_axis(row_valid[:, None, :], rows_c, axis=2)  # (B, T, C)
+    gather = jax.vmap(lambda x, idx: x[idx])  # (R, N, H), (T, C) -> (T, C, N, H)
+    kg = gather(k, rows_c).reshape(b * t, c, n, h)
+    vg = gather(v, rows_c).reshape(b * t, c, n, h)
+    out = _xla_attention(q.reshape(b * t, 1, n, h), kg, vg, visible.reshape(b * t, 1, 1, c))
+    return out.reshape(b, t, n, h)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _Projections(nn.Module):
+    num_heads: int
+    head_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    def proj(self, x, name):  # (..., D) -> (..., N, H)
+        w = self.param(name, kernel_init("embed", "heads", "kv"), (x.shape[-1], self.num_heads, self.head_dim))
+        return jnp.einsum("...d,dnh->...nh", x.astype(self.dtype), w.astype(self.dtype))
+
+    def out(self, x, features):  # (..., N, H) -> (..., D)
+        w = self.param("o", kernel_init("heads", "kv", "embed"), (self.num_heads, self.head_dim, features))
+        return jnp.einsum("...nh,nhd->...d", x.astype(self.dtype), w.astype(self.dtype))
+
+
+class SelfAttention(_Projections):
+    """Multi-head causal self-attention with RoPE; `window` > 0 = sliding window, 0 = full causal."""
+
+    window: int = 0
+    implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, key_pad, positions):  # (B, T, D), (B, T), (T,) | (B, T) -> (B, T, D)
+        q = apply_rope(self.proj(x, "q"), positions)
+        k = apply_rope(self.proj(x, "k"), positions)
+        v = self.proj(x, "v")
+        q, k, v = (constrain(a, ("batch", "length", "act_heads", None)) for a in (q, k, v))
+        if self.window > 0:
+            o = sliding_window_attention(q, k, v, key_pad, window=self.window, implementation=self.implementation)
+        else:
+            o = causal_attention(q, k, v, key_pad, implementation=self.implementation)
+        return self.out(o, x.shape[-1])
+
+
+class SegmentCrossAttention(_Projections):
+    """Target token t attends to memory rows of its segment and `lookback` segments before it (RoPE on row index)."""
+
+    rows_per_segment: int = 1
+    lookback: int = 1
+
+    @nn.compact
+    def __call__(self, x, memory, row_valid, seg_id):  # (B, T, D), (B, R, D), (B, R), (B, T) -> (B, T, D)
+        lq = self.rows_per_segment
+        q_row = seg_id * lq + (lq - 1)  # (B, T) last memory row of the token's own segment
+        q = apply_rope(self.proj(x, "q"), q_row)
+        rows = jnp.arange(memory.shape[1])
+        k = apply_rope(self.proj(memory, "k"), rows)
+        v = self.proj(memory, "v")
+        o = segment_cross_attention(q, k, v, q_row, row_valid, num_rows_visible=(self.lookback + 1) * lq)
+        return self.out(o, x.shape[-1])

@@ -1,0 +1,55 @@
+"""Command-line helpers shared by train.py, evaluate.py and bench/: clear errors before absl's own."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from .config import ConfigError, unknown_overrides, validate_config
+
+
+def fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def load_config_file(path: str):
+    """Import a config file and return its get_config()."""
+    p = Path(path)
+    if not p.is_file():
+        fail(f"config file {path!r} does not exist; pass e.g. --config configs/tiny.py")
+    spec = importlib.util.spec_from_file_location(f"_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        fail(f"config file {path!r} has no get_config() function.")
+    return module.get_config()
+
+
+def _config_path(argv) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def check_config_args(argv) -> None:
+    """Reject unknown `--config.<key>` overrides and invalid config files with one clear message."""
+    path = _config_path(argv)
+    if path is None:
+        fail("missing --config; pass e.g. --config configs/tiny.py")
+    cfg = load_config_file(path)
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        fail(f"{path}: {e}")
+    bad = unknown_overrides(cfg, argv)
+    if bad:
+        fail(
+            "unknown config key(s): "
+            + ", ".join(f"'{b}'" for b in bad)
+            + f". Keys are those of {path} (see abstractinator_jax/config.py for the full list)."
+        )

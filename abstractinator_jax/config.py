@@ -1,0 +1,344 @@
+"""Configuration schema, defaults and validation.
+
+Field names follow the PyTorch reference (AbstractinatorConfig, TopTransformerConfig, ExpConfig) so its users
+feel at home. Every config file under configs/ starts from `base_config()` and only changes values; the schema
+here is the single list of known keys, and `validate_config` rejects anything else with a message that names the
+key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ml_collections import ConfigDict, FieldReference
+
+# Byte vocabulary (ARCHITECTURE 2).
+BYTE_VOCAB = 260
+BOS_ID, EOS_ID, PAD_ID, EOP_ID = 256, 257, 258, 259
+
+
+class ConfigError(ValueError):
+    """A configuration is unknown, contradictory or unusable. The message names the key and the fix."""
+
+
+def _opt(value: Any, field_type: type) -> FieldReference:
+    """An optional field that the command line can still set (ml_collections needs the type of a None)."""
+    return FieldReference(value, field_type=field_type)
+
+
+def level_defaults() -> ConfigDict:
+    """One Abstractinator level (the reference's AbstractinatorConfig, plus the JAX port's own knobs)."""
+    c = ConfigDict()
+    # Shared / tokens.
+    c.vocab_size = BYTE_VOCAB
+    c.D = 512
+    c.eos_id = EOS_ID
+    c.eop_id = EOP_ID
+    c.bos_id = BOS_ID
+    c.pad_id = PAD_ID
+    c.attention_type = "mha"  # 'mha' now; 'mla' (multi-head latent attention) is planned.
+    c.ffn_mult = 4  # SwiGLU hidden = ffn_mult * D (the reference's encoder_ffn_dim_multiplier).
+    # Compressor.
+    c.c_heads = 8
+    c.c_window = 128
+    c.c_head_dim = _opt(64, int)  # MLA only; MHA uses D // c_heads.
+    c.c_kv_comp_dim = _opt(64, int)  # MLA only.
+    c.c_q_comp_dim = _opt(128, int)  # MLA only.
+    c.c_retr_dim = _opt(32, int)  # MLA only.
+    c.c_num_encoder_layers = 6
+    c.c_num_shared_encoder_layers = 0
+    c.c_num_lm_encoder_layers = _opt(4, int)  # None -> c_num_encoder_layers
+    c.c_num_compression_encoder_layers = _opt(None, int)  # None -> c_num_encoder_layers
+    c.c_num_queries = 1
+    c.c_entropy_model = "gaussian"  # 'gaussian' (reference default) or 'logit'
+    c.c_entropy_delta = 0.2
+    c.c_entropy_abs_threshold = _opt(None, float)
+    c.c_output_length = 1024
+    # Quantizer (ARCHITECTURE 3.6); c_vq_K = 0 means no quantizer.
+    c.c_vq_K = 0
+    c.c_vq_depth = 1
+    c.c_vq_d_c = _opt(None, int)
+    c.c_vq_beta = 0.25
+    c.c_vq_reset_interval = 250
+    # Expander.
+    c.d_layers = 9
+    c.d_heads = 8
+    c.d_window = 128  # causal self-attention window; 0 = full causal
+    c.d_cross_window = 1
+    c.d_residual_conditioning = True
+    c.d_use_sqdist_logits = False
+    c.d_predict_specials = False
+    c.d_max_len = 2048
+    c.d_lo_d_c = 64
+    # Loss weights.
+    c.w_code_ce = 1.0
+    c.w_special_ce = 1.0
+    c.w_byte_lm_ce = 1.0
+    c.w_vq = 1.0
+    return c
+
+
+def top_transformer_defaults() -> ConfigDict:
+    """The reference's TopTransformerConfig (used from the hierarchy issue on)."""
+    c = ConfigDict()
+    c.embed_dim = 512
+    c.dim = 512
+    c.num_layers = 16
+    c.num_heads = 8
+    c.ffn_dim_multiplier = 4
+    c.continuous = False
+    c.mse_weight = 1.0
+    c.ce_weight = 1.0
+    c.head_dim = _opt(64, int)
+    c.kv_comp_dim = _opt(64, int)
+    c.q_comp_dim = _opt(128, int)
+    c.retr_dim = _opt(32, int)
+    c.lm_window = _opt(128, int)
+    c.lm_fixed_length = _opt(1024, int)
+    c.lm_pad_id = PAD_ID
+    return c
+
+
+def data_defaults() -> ConfigDict:
+    c = ConfigDict()
+    # 'auto' (local files by extension when data.path is set, else 'hf') | 'hf' | 'text' | 'jsonl' | 'parquet' |
+    # 'offline' (English text shipped with CPython: no download, no file)
+    c.source = "auto"
+    c.dataset_name = "roneneldan/TinyStories"
+    c.dataset_config = _opt(None, str)
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.text_column_name = "text"
+    c.path = ""  # local file(s) for text/jsonl/parquet; a glob or comma-separated list
+    c.eval_path = ""  # held-out file(s); empty -> hold out eval_fraction of the training documents
+    c.separator = "<|endoftext|>"  # document separator for plain text; "" = one document per file
+    c.eval_fraction = 0.02
+    c.max_eval_documents = 512
+    c.shuffle_seed = 0
+    c.num_workers = 0  # grain worker processes; 0 = in-process
+    return c
+
+
+def base_config() -> ConfigDict:
+    """The complete schema with its defaults. Config files call this and change values."""
+    c = ConfigDict()
+    c.run_name = "abstractinator"
+    c.seed = 0
+    c.stage = 1
+    c.init_from = ""
+    c.num_levels = 1
+    c.levels = [level_defaults()]
+    c.use_top_code_lm = False
+    c.top_transformer_config = top_transformer_defaults()
+    c.aux_lm_loss_weight = 1.0
+    c.top_lm_loss_weight = 1.0
+    c.top_lm_mse_weight = 1.0
+    c.top_lm_ce_weight = 1.0
+    c.propagate_key_padding_mask = True
+    # Optimisation.
+    c.learning_rate = 5e-4
+    c.min_lr = 1e-6  # floor of the cosine decay (reference: scheduler_specific_kwargs.min_lr)
+    c.warmup_steps = 1000
+    c.weight_decay = 0.01
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.95
+    c.gradient_clip_norm = 1.0
+    c.gradient_accumulation_steps = 1
+    c.batch_size = 16  # rows per micro-batch (global, over all devices)
+    c.sequence_length = 1024
+    c.max_steps = 10000
+    # Numerics and devices.
+    c.dtype = "float32"  # activation / compute dtype: float32 or bfloat16
+    c.param_dtype = "float32"
+    c.attention_impl = "auto"  # 'auto' (cudnn on CUDA GPUs, else xla), 'xla', 'cudnn'
+    c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: all remaining devices
+    # Logging, evaluation, checkpoints.
+    c.log_interval = 10
+    c.eval_interval = 500
+    c.eval_batches = 8
+    c.checkpoint_interval = 1000
+    c.max_checkpoints_to_keep = 3
+    c.sample_text = "Once upon a time, there was a little girl named Lily."
+    c.progress_bar = True
+    c.data = data_defaults()
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------------------
+
+_ENUMS = {
+    "attention_type": ("mha",),
+    "c_entropy_model": ("gaussian", "logit"),
+    "dtype": ("float32", "bfloat16"),
+    "param_dtype": ("float32", "bfloat16"),
+    "attention_impl": ("auto", "xla", "cudnn"),
+    "source": ("auto", "hf", "text", "jsonl", "parquet", "offline"),
+}
+
+
+def _is_dict(x: Any) -> bool:
+    return isinstance(x, (Mapping, ConfigDict))
+
+
+def _unknown_keys(cfg: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> list[str]:
+    problems = []
+    for key in cfg:
+        path = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            problems.append(f"unknown config key '{path}'.{hint}")
+            continue
+        value, ref = cfg[key], schema[key]
+        if _is_dict(ref) and _is_dict(value):
+            problems += _unknown_keys(value, ref, f"{path}.")
+        elif key == "levels":
+            for i, lvl in enumerate(value):
+                problems += _unknown_keys(lvl, level_defaults(), f"levels[{i}].")
+    return problems
+
+
+def _check_level(i: int, lv: ConfigDict, seq_len: int) -> list[str]:
+    p, k = [], f"levels[{i}]"
+    if lv.attention_type not in _ENUMS["attention_type"]:
+        p.append(
+            f"{k}.attention_type={lv.attention_type!r} is not available yet; use 'mha' "
+            "(multi-head latent attention, 'mla', is planned)."
+        )
+    if lv.c_entropy_model not in _ENUMS["c_entropy_model"]:
+        p.append(f"{k}.c_entropy_model={lv.c_entropy_model!r}; choose 'gaussian' or 'logit'.")
+    for heads_key in ("c_heads", "d_heads"):
+        h = lv[heads_key]
+        if h <= 0 or lv.D % h:
+            p.append(f"{k}.D={lv.D} is not divisible by {k}.{heads_key}={h}; change one of them.")
+        elif (lv.D // h) % 2:
+            p.append(f"{k}.D // {k}.{heads_key} = {lv.D // h} is odd; RoPE needs an even head dimension.")
+    if lv.c_window < 1:
+        p.append(f"{k}.c_window={lv.c_window} must be >= 1.")
+    if lv.d_window < 0:
+        p.append(f"{k}.d_window={lv.d_window} must be >= 0 (0 means full causal attention).")
+    if lv.d_cross_window < 0:
+        p.append(f"{k}.d_cross_window={lv.d_cross_window} must be >= 0.")
+    if lv.c_num_queries < 1 or lv.c_output_length % lv.c_num_queries:
+        p.append(
+            f"{k}.c_output_length={lv.c_output_length} must be a positive multiple of "
+            f"{k}.c_num_queries={lv.c_num_queries}."
+        )
+    if i == 0 and lv.vocab_size != BYTE_VOCAB:
+        p.append(f"{k}.vocab_size={lv.vocab_size}; level 0 reads bytes and needs vocab_size={BYTE_VOCAB}.")
+    if i == 0 and lv.c_output_length // max(lv.c_num_queries, 1) > seq_len:
+        p.append(
+            f"{k}.c_output_length // c_num_queries = {lv.c_output_length // max(lv.c_num_queries, 1)} segment slots "
+            f"exceed sequence_length={seq_len}: every extra slot is wasted compute. Lower {k}.c_output_length "
+            f"to at most sequence_length * c_num_queries."
+        )
+    if lv.c_vq_K < 0:
+        p.append(f"{k}.c_vq_K={lv.c_vq_K} must be >= 0 (0 turns the quantizer off).")
+    if lv.c_vq_K > 0:
+        p.append(f"{k}.c_vq_K={lv.c_vq_K}: the vector quantizer is not built yet in this version; set {k}.c_vq_K=0.")
+    if lv.d_lo_d_c < 1:
+        p.append(f"{k}.d_lo_d_c={lv.d_lo_d_c} must be >= 1.")
+    return p
+
+
+def validate_config(cfg: ConfigDict) -> ConfigDict:
+    """Raise ConfigError listing every problem (unknown keys, contradictions); return cfg unchanged otherwise."""
+    problems = _unknown_keys(cfg, base_config(), "")
+    if not problems:
+        if len(cfg.levels) != cfg.num_levels:
+            problems.append(f"num_levels={cfg.num_levels} but {len(cfg.levels)} entries in 'levels'; make them agree.")
+        if cfg.num_levels != 1:
+            problems.append(f"num_levels={cfg.num_levels}: only one level is built in this version.")
+        for key in ("dtype", "param_dtype", "attention_impl"):
+            if cfg[key] not in _ENUMS[key]:
+                problems.append(f"{key}={cfg[key]!r}; choose one of {_ENUMS[key]}.")
+        if cfg.data.source not in _ENUMS["source"]:
+            problems.append(f"data.source={cfg.data.source!r}; choose one of {_ENUMS['source']}.")
+        if cfg.data.source in ("text", "jsonl", "parquet") and not cfg.data.path:
+            problems.append(f"data.source={cfg.data.source!r} needs data.path (e.g. --config.data.path=corpus.txt).")
+        if cfg.stage not in (1, 2):
+            problems.append(f"stage={cfg.stage}; choose 1 (pyramid) or 2 (top transformer).")
+        if cfg.stage == 2:
+            problems.append("stage=2 (top transformer) is not built yet in this version; use stage=1.")
+        for key in ("batch_size", "sequence_length", "max_steps", "gradient_accumulation_steps", "log_interval"):
+            if cfg[key] < 1:
+                problems.append(f"{key}={cfg[key]} must be >= 1.")
+        if cfg.sequence_length < 2:
+            problems.append("sequence_length must be >= 2 (BOS + at least one byte).")
+        if cfg.warmup_steps < 0:
+            problems.append(f"warmup_steps={cfg.warmup_steps} must be >= 0.")
+        if cfg.min_lr > cfg.learning_rate:
+            problems.append(f"min_lr={cfg.min_lr} exceeds learning_rate={cfg.learning_rate}.")
+        for i, lv in enumerate(cfg.levels):
+            problems += _check_level(i, lv, cfg.sequence_length)
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command-line overrides
+# ---------------------------------------------------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.\[\]]+)(=.*)?$")
+
+
+def _resolve(cfg: Any, path: str) -> bool:
+    node = cfg
+    for part in re.findall(r"[A-Za-z0-9_]+|\[\d+\]", path):
+        if part.startswith("["):
+            idx = int(part[1:-1])
+            if not isinstance(node, (list, tuple)) or idx >= len(node):
+                return False
+            node = node[idx]
+        else:
+            if not _is_dict(node) or part not in node:
+                return False
+            node = node[part]
+    return True
+
+
+def unknown_overrides(cfg: ConfigDict, argv: Iterable[str]) -> list[str]:
+    """The `--config.<key>=...` arguments whose key the config does not have (for a clear error before absl's)."""
+    bad = []
+    for arg in argv:
+        m = _OVERRIDE.match(arg)
+        if m and not _resolve(cfg, m.group(1)):
+            bad.append(m.group(1))
+    return bad
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain, JSON-friendly copy (nested dicts and lists; for checkpoints and TensorBoard)."""
+    if _is_dict(cfg):
+        return {k: to_dict(cfg[k]) for k in cfg}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def from_dict(d: Mapping[str, Any]) -> ConfigDict:
+    """Rebuild a full config from `to_dict` output, keeping the schema's optional-field types."""
+    cfg = base_config()
+    _merge(cfg, d)
+    return cfg
+
+
+def _merge(dst: ConfigDict, src: Mapping[str, Any]) -> None:
+    for key, value in src.items():
+        if key == "levels":
+            levels = []
+            for lv in value:
+                base = level_defaults()
+                _merge(base, lv)
+                levels.append(base)
+            dst.levels = levels
+        elif _is_dict(value) and key in dst and isinstance(dst[key], ConfigDict):
+            _merge(dst[key], value)
+        else:
+            dst[key] = value

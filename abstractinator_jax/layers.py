@@ -1,0 +1,86 @@
+"""Small building blocks: dense layers with logical axis names, RMSNorm, SwiGLU, rotary position embedding.
+
+Parameter axis names (mapped onto the device mesh by `sharding.LOGICAL_AXIS_RULES`):
+  'embed' model width D, 'mlp' feed-forward hidden, 'heads' attention heads, 'kv' per-head width,
+  'vocab' token / code vocabularies, 'code' low-rank code width (d_c).
+Activation axis names: 'batch', 'length', 'act_embed', 'act_heads', 'act_mlp'.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+DType = jnp.dtype
+
+DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def kernel_init(*axes: str | None, init=DEFAULT_INIT):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, dtype, name: str, use_bias: bool = False):
+    """nn.Dense whose kernel carries logical axis names `axes` (in, out)."""
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],))
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init(*axes),
+        bias_init=bias_init,
+        name=name,
+    )
+
+
+def rms_norm(*, dtype, name: str | None = None, axis_name: str = "embed") -> nn.RMSNorm:
+    return nn.RMSNorm(
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+        name=name,
+    )
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh with rules)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class SwiGLU(nn.Module):
+    """silu(x W1) * (x W3) W2 with hidden width `hidden`."""
+
+    hidden: int
+    dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, S, D) -> (B, S, D)
+        d = x.shape[-1]
+        gate = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="w1")(x)
+        up = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="w3")(x)
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return dense(d, ("mlp", "embed"), dtype=self.dtype, name="w2")(h)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding on the last axis of x.
+
+    x: (B, T, N, H) with H even; positions: (B, T) or (T,) integer positions. Computed in float32 and cast back.
+    The two halves of the head dimension are rotated together (the "rotate_half" convention).
+    """
+    h = x.shape[-1]
+    half = h // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))  # (H/2,)
+    pos = positions.astype(jnp.float32)
+    if pos.ndim == 1:
+        pos = pos[None, :]
+    angles = pos[..., None] * inv_freq  # (B|1, T, H/2)
+    cos = jnp.cos(angles)[:, :, None, :]  # (B|1, T, 1, H/2)
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

@@ -1,0 +1,267 @@
+"""The training loop: data, jitted steps, TensorBoard, periodic evaluation, Orbax checkpoints, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from ml_collections import ConfigDict
+
+from . import data as data_lib
+from . import tokenizer
+from .checkpointing import CheckpointError, CheckpointManager
+from .config import PAD_ID, ConfigError, to_dict, validate_config
+from .model import AbstractinatorPyramid
+from .sharding import LOGICAL_AXIS_RULES, batch_divisor, batch_sharding, make_mesh, replicated
+from .summaries import SummaryWriter
+from .training import count_params, create_train_state, make_eval_step, make_optimizer, make_train_step
+
+log = logging.getLogger("abstractinator_jax")
+
+# Config keys that define the model's parameters: a checkpoint must agree on these to be resumed.
+MODEL_KEYS = ("num_levels", "levels", "use_top_code_lm", "top_transformer_config")
+
+
+def resolve_data_config(data_cfg: ConfigDict) -> ConfigDict:
+    """`source='auto'`: local files when data.path is set (by extension), else the Hugging Face dataset."""
+    d = copy.deepcopy(data_cfg)
+    if d.source == "auto":
+        with d.unlocked():
+            if d.path:
+                first = d.path.split(",")[0].strip().lower()
+                if first.endswith((".jsonl", ".json", ".jsonl.gz")):
+                    d.source = "jsonl"
+                elif first.endswith(".parquet"):
+                    d.source = "parquet"
+                else:
+                    d.source = "text"
+            else:
+                d.source = "hf"
+    return d
+
+
+def model_config_differences(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between the model sections of two config dicts."""
+    out = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else k)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}[{i}]")
+        elif a != b:
+            out.append(f"{path}: checkpoint {a!r} vs config {b!r}")
+
+    for key in MODEL_KEYS:
+        walk(saved.get(key, "<missing>"), current.get(key, "<missing>"), key)
+    return out
+
+
+class _MetricAccumulator:
+    """Sums device metrics between log points without a host round-trip per step."""
+
+    def __init__(self):
+        self.sum = None
+        self.count = 0
+
+    def add(self, metrics):
+        self.sum = metrics if self.sum is None else jax.tree.map(jnp.add, self.sum, metrics)
+        self.count += 1
+
+    def pop(self) -> dict:
+        host = jax.device_get(self.sum)
+        out = {k: float(v) / self.count for k, v in host.items()}
+        out["real_bytes_total"] = float(host["real_bytes"])
+        self.sum, self.count = None, 0
+        return out
+
+
+def train(cfg: ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Train (or resume) a run in `workdir`. Returns the last logged metrics and eval metrics."""
+    validate_config(cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_cfg = resolve_data_config(cfg.data)
+
+    mesh = make_mesh(cfg.mesh)
+    if cfg.batch_size % batch_divisor(mesh):
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not divisible by the {batch_divisor(mesh)} data-parallel devices; "
+            f"set --config.batch_size to a multiple of {batch_divisor(mesh)}."
+        )
+    model = AbstractinatorPyramid(cfg)
+    optimizer = make_optimizer(cfg)
+    state, shardings = create_train_state(cfg, model, mesh, optimizer)
+    n_params = count_params(state.params)
+    train_step = make_train_step(cfg, model, mesh, optimizer, shardings)
+    eval_step = make_eval_step(model, mesh, shardings)
+
+    train_it = data_lib.make_train_iterator(
+        data_cfg,
+        cfg.sequence_length,
+        cfg.batch_size,
+        cfg.gradient_accumulation_steps,
+        seed=cfg.data.shuffle_seed,
+    )
+    eval_batches = data_lib.make_eval_batches(
+        data_cfg,
+        cfg.sequence_length,
+        cfg.batch_size,
+        cfg.eval_batches,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    ckpt = CheckpointManager(workdir, max_to_keep=cfg.max_checkpoints_to_keep)
+    start_step = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        saved = ckpt.restore_config(latest) or {}
+        diffs = model_config_differences(saved, to_dict(cfg))
+        if diffs:
+            raise CheckpointError(
+                f"{workdir} holds a checkpoint (step {latest}) of a different model:\n  - "
+                + "\n  - ".join(diffs)
+                + "\nUse a new --workdir, or run with the checkpoint's model settings."
+            )
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        state, _ = ckpt.restore(latest, abstract_state=abstract, data_iterator=train_it)
+        start_step = int(state.step)
+        log.info("Resumed from %s at step %d", ckpt.directory, start_step)
+
+    writer = SummaryWriter(workdir / "tensorboard")
+    if start_step == 0:
+        writer.text(0, "config", json.dumps(to_dict(cfg), indent=2, default=str))
+        writer.scalars(0, {"model/parameters": n_params})
+
+    sample_ids = _sample_row(cfg, eval_batches)
+    segment_fn = jax.jit(lambda p, ms, ids, pad: _segment(model, p, ms, ids, pad))
+
+    batch_in_sharding = batch_sharding(mesh, 3, 1)
+    acc = _MetricAccumulator()
+    last_logged: dict = {}
+    last_eval: dict = {}
+    progress = _progress(cfg, start_step)
+    t_last = time.perf_counter()
+    step = start_step
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        try:
+            while step < cfg.max_steps:
+                host_batch = next(train_it)
+                batch = {k: jax.make_array_from_process_local_data(batch_in_sharding, v) for k, v in host_batch.items()}
+                state, metrics = train_step(state, batch)
+                acc.add(metrics)
+                step += 1
+                if progress is not None:
+                    progress.update(1)
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    scalars = acc.pop()
+                    now = time.perf_counter()
+                    dt = now - t_last
+                    t_last = now
+                    steps_done = cfg.log_interval if step % cfg.log_interval == 0 else step % cfg.log_interval
+                    scalars["throughput/bytes_per_s"] = scalars.pop("real_bytes_total") / dt
+                    scalars["throughput/steps_per_s"] = steps_done / dt
+                    scalars.pop("real_bytes")
+                    writer.scalars(step, _train_tags(scalars))
+                    last_logged = scalars
+                    if progress is not None:
+                        progress.set_postfix(
+                            loss=f"{scalars['loss']:.3f}",
+                            recon=f"{scalars['level0/code_ce']:.3f}",
+                            acc=f"{scalars['level0/recon_accuracy']:.3f}",
+                            ratio=f"{scalars['level0/compression_ratio']:.2f}",
+                            Bps=f"{scalars['throughput/bytes_per_s']:.0f}",
+                        )
+                    else:
+                        log.info("step %d %s", step, {k: round(v, 4) for k, v in scalars.items()})
+                    if not np.isfinite(scalars["loss"]):
+                        raise FloatingPointError(
+                            f"loss became {scalars['loss']} at step {step}; lower --config.learning_rate or check "
+                            "the data. The last checkpoint is intact."
+                        )
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                    last_eval = evaluate(eval_step, state, eval_batches, mesh)
+                    writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
+                    if sample_ids is not None:
+                        seg_text = _segmented_sample(segment_fn, state, sample_ids, mesh)
+                        writer.text(step, "samples/segmented", seg_text)
+                    writer.flush()
+                if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+                    ckpt.save(step, state, data_iterator=train_it, config=to_dict(cfg), force=True)
+        finally:
+            if progress is not None:
+                progress.close()
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+    return {"train": last_logged, "eval": last_eval, "step": step, "parameters": n_params}
+
+
+def _train_tags(scalars: dict) -> dict:
+    out = {}
+    for k, v in scalars.items():
+        if k.startswith("throughput/"):
+            out[k] = v
+        elif k in ("learning_rate", "grad_norm"):
+            out[f"optim/{k}"] = v
+        else:
+            out[f"train/{k}"] = v
+    return out
+
+
+def evaluate(eval_step, state, eval_batches, mesh) -> dict:
+    """Token-weighted mean of the eval metrics over the held-out batches (all-PAD padding rows carry no weight)."""
+    sums: dict = {}
+    weight_total = 0.0
+    sh = batch_sharding(mesh, 2, 0)
+    for b in eval_batches:
+        ids = jax.make_array_from_process_local_data(sh, b["ids"])
+        pad = jax.make_array_from_process_local_data(sh, b["mask"])
+        m = jax.device_get(eval_step(state.params, state.model_state, ids, pad))
+        w = float(m["level0/real_tokens"])
+        if w == 0:
+            continue
+        weight_total += w
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * w
+    return {k: v / weight_total for k, v in sums.items() if k != "level0/real_tokens"} if weight_total else {}
+
+
+def _sample_row(cfg, eval_batches):
+    """The first held-out row with real bytes, (1, S), shown cut into segments in TensorBoard."""
+    for b in eval_batches:
+        for row in b["ids"]:
+            if np.any(row != PAD_ID):
+                return np.asarray(row)[None]
+    return None
+
+
+def _segment(model, params, model_state, ids, pad):
+    comp = model.apply({"params": params, **model_state}, ids, pad, method=model.compress_all)[0]
+    return comp.segments.patch_end_mask
+
+
+def _segmented_sample(segment_fn, state, ids, mesh) -> str:
+    pad = ids == PAD_ID
+    rep = replicated(mesh)
+    ends = segment_fn(state.params, state.model_state, jax.device_put(ids, rep), jax.device_put(pad, rep))
+    return tokenizer.render_segments(ids[0], np.asarray(jax.device_get(ends))[0])
+
+
+def _progress(cfg, start_step):
+    if not cfg.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)

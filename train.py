@@ -1,0 +1,50 @@
+"""Train an Abstractinator.
+
+    python train.py --config configs/tiny.py --workdir runs/tiny
+    python train.py --config configs/tiny.py \
+        --config.data.path=../shared/data/tinystories_train.txt --config.max_steps=300
+
+A second run with the same --workdir resumes from its latest checkpoint. TensorBoard: `tensorboard --logdir <workdir>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from abstractinator_jax.checkpointing import CheckpointError
+from abstractinator_jax.cli import check_config_args, fail
+from abstractinator_jax.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file under configs/.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard). Default: runs/<run_name>.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (several hosts, e.g. a TPU pod).")
+
+
+def main(argv):
+    del argv
+    import jax
+
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
+    from abstractinator_jax.trainer import train
+
+    cfg = _CONFIG.value
+    workdir = _WORKDIR.value or f"runs/{cfg.run_name}"
+    logging.getLogger("abstractinator_jax").setLevel(logging.INFO)
+    try:
+        result = train(cfg, workdir)
+    except (ConfigError, CheckpointError) as e:
+        fail(str(e))
+    print(f"done: step {result['step']}, workdir {workdir}")
+    for k in ("loss", "level0/code_ce", "level0/entropy_loss", "level0/recon_accuracy", "level0/compression_ratio"):
+        if k in result["eval"]:
+            print(f"  eval {k} = {result['eval'][k]:.4f}")
+
+
+if __name__ == "__main__":
+    check_config_args(sys.argv)
+    app.run(main)
