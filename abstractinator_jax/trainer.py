@@ -86,8 +86,11 @@ class _MetricAccumulator:
         return out
 
 
-def train(cfg: ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Train (or resume) a run in `workdir`. Returns the last logged metrics and eval metrics."""
+def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None = None) -> dict:
+    """Train (or resume) a run in `workdir`. Returns the last logged metrics and eval metrics.
+
+    `stop_at_step` ends the run early at that step with a checkpoint, as a preemption would (a later call resumes).
+    """
     validate_config(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +159,8 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike) -> dict:
     step = start_step
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         try:
-            while step < cfg.max_steps:
+            end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
+            while step < end:
                 host_batch = next(train_it)
                 batch = {k: jax.make_array_from_process_local_data(batch_in_sharding, v) for k, v in host_batch.items()}
                 state, metrics = train_step(state, batch)
@@ -197,7 +201,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike) -> dict:
                         seg_text = _segmented_sample(segment_fn, state, sample_ids, mesh)
                         writer.text(step, "samples/segmented", seg_text)
                     writer.flush()
-                if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+                if step % cfg.checkpoint_interval == 0 or step in (cfg.max_steps, end):
                     ckpt.save(step, state, data_iterator=train_it, config=to_dict(cfg), force=True)
         finally:
             if progress is not None:

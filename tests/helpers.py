@@ -1,0 +1,44 @@
+"""Shared test fixtures: tiny configs and batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from abstractinator_jax import tokenizer
+from abstractinator_jax.config import PAD_ID, base_config
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_config(seq_len: int = 64, batch_size: int = 4):
+    """A model small enough for CPU tests (one level, D=32)."""
+    cfg = base_config()
+    lv = cfg.levels[0]
+    lv.D = 32
+    lv.c_heads = 2
+    lv.d_heads = 2
+    lv.c_window = 16
+    lv.d_window = 16
+    lv.c_num_lm_encoder_layers = 1
+    lv.c_num_compression_encoder_layers = 1
+    lv.d_layers = 1
+    lv.c_output_length = 32
+    lv.d_lo_d_c = 16
+    cfg.sequence_length = seq_len
+    cfg.batch_size = batch_size
+    cfg.warmup_steps = 10
+    cfg.max_steps = 300
+    cfg.learning_rate = 3e-3
+    cfg.progress_bar = False
+    return cfg
+
+
+SENTENCES = ["The cat sat on the mat.", "A dog ran in the park!", "Birds sing at dawn.", "Fish swim deep below."]
+
+
+def sentence_batch(seq_len: int = 64, sentences=SENTENCES) -> dict:
+    """{'ids': (1, B, S), 'mask': (1, B, S)}: one micro-batch of the given sentences, one per row."""
+    ids = np.stack([tokenizer.to_rows(tokenizer.encode(s), seq_len)[0] for s in sentences])[None]
+    return {"ids": ids, "mask": ids == PAD_ID}

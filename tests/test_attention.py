@@ -1,0 +1,271 @@
+"""The attention kernels (ARCHITECTURE 3.1, 8) against slow, obvious loop references written here.
+
+Every case mixes the row kinds the model meets: full rows, ragged rows (PAD suffix), all-PAD rows and length-1 rows
+(only token 0 real); the plain kernels also get arbitrary (non-suffix) PAD patterns, which their masks must honour.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from abstractinator_jax.attention import causal_attention, segment_cross_attention, sliding_window_attention
+
+N_HEADS, HEAD_DIM = 2, 8
+ATOL = 2e-5
+
+swa = jax.jit(sliding_window_attention, static_argnames=("window", "implementation"))
+causal = jax.jit(causal_attention, static_argnames=("window", "implementation"))
+cross = jax.jit(segment_cross_attention, static_argnames=("num_rows_visible",))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loop references
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _attend(qv, ks, vs):
+    """Softmax over the given keys of q.k / sqrt(H), weighted sum of the values (float64); no key -> zeros."""
+    if len(ks) == 0:
+        return np.zeros(qv.shape[-1])
+    ks, vs = np.asarray(ks, np.float64), np.asarray(vs, np.float64)
+    logits = ks @ qv.astype(np.float64) / np.sqrt(qv.shape[-1])
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    return p @ vs
+
+
+def ref_window_attention(q, k, v, key_pad, window):
+    """Position t sees keys j with t - window < j <= t that are not PAD (window <= 0: every j <= t)."""
+    q, k, v, key_pad = (np.asarray(a) for a in (q, k, v, key_pad))
+    b_, t_, n_, h_ = q.shape
+    out = np.zeros((b_, t_, n_, h_))
+    for b in range(b_):
+        for n in range(n_):
+            for t in range(t_):
+                lo = t - window + 1 if window > 0 else 0
+                js = [j for j in range(max(lo, 0), t + 1) if not key_pad[b, j]]
+                out[b, t, n] = _attend(q[b, t, n], [k[b, j, n] for j in js], [v[b, j, n] for j in js])
+    return out
+
+
+def ref_cross_attention(q, k, v, q_row, row_valid, c):
+    """Query t sees rows r with q_row - c < r <= q_row, 0 <= r < R, row_valid[r]."""
+    q, k, v, q_row, row_valid = (np.asarray(a) for a in (q, k, v, q_row, row_valid))
+    b_, t_, n_, h_ = q.shape
+    r_ = k.shape[1]
+    out = np.zeros((b_, t_, n_, h_))
+    for b in range(b_):
+        for n in range(n_):
+            for t in range(t_):
+                rs = [r for r in range(r_) if q_row[b, t] - c < r <= q_row[b, t] and row_valid[b, r]]
+                out[b, t, n] = _attend(q[b, t, n], [k[b, r, n] for r in rs], [v[b, r, n] for r in rs])
+    return out
+
+
+def dense_window_attention(q, k, v, key_pad, window):
+    """A differentiable dense (T x T) jnp form of the same rule, for comparing gradients."""
+    t = q.shape[1]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed = (j <= i) & ((j > i - window) if window > 0 else True)
+    mask = allowed[None, None] & ~key_pad[:, None, None, :]  # (B, 1, T, T)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    p = jax.nn.softmax(jnp.where(mask, logits, -1e9), axis=-1)
+    out = jnp.einsum("bnts,bsnh->btnh", p, v)
+    any_key = jnp.swapaxes(jnp.any(mask, -1), 1, 2)[..., None]  # (B, T, 1, 1)
+    return jnp.where(any_key, out, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def qkv(seed, b, t, scale=1.5):
+    rng = np.random.default_rng(seed)
+    shape = (b, t, N_HEADS, HEAD_DIM)
+    return tuple((scale * rng.standard_normal(shape)).astype(np.float32) for _ in range(3))
+
+
+def suffix_pad(lengths, t):
+    """(B, T) key_pad with `lengths[b]` real tokens then PAD."""
+    return np.arange(t)[None, :] >= np.asarray(lengths)[:, None]
+
+
+def pad_cases(t, seed):
+    """Batches of three rows covering full, ragged, all-PAD, length-1 and arbitrary (non-suffix) PAD patterns."""
+    rng = np.random.default_rng(seed)
+    scattered = rng.random((3, t)) < 0.4
+    scattered[1] = True  # an all-PAD row among scattered ones
+    scattered[2, :3] = True  # a row whose first queries see no key at all
+    return {
+        "full_ragged_allpad": suffix_pad([t, max(t // 2 + 1, 1), 0], t),
+        "len1_ragged_full": suffix_pad([1, max(t - 3, 1), t], t),
+        "scattered": scattered,
+    }
+
+
+# (T, window): dense path (T <= 2W), blocked path with T not a multiple of W, W = 1, W >= T, W = T exactly.
+WINDOW_SHAPES = [(10, 5), (16, 8), (23, 4), (40, 6), (17, 3), (9, 1), (12, 12), (7, 20), (33, 16)]
+
+
+@pytest.mark.parametrize("t,window", WINDOW_SHAPES)
+@pytest.mark.parametrize("case", ["full_ragged_allpad", "len1_ragged_full", "scattered"])
+def test_sliding_window_matches_loop_reference(t, window, case):
+    key_pad = pad_cases(t, seed=t * 31 + window)[case]
+    q, k, v = qkv(t * 7 + window, 3, t)
+    out = np.asarray(swa(q, k, v, jnp.asarray(key_pad), window=window))
+    ref = ref_window_attention(q, k, v, key_pad, window)
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=1e-5)
+    # Queries with no visible key are exactly zero (an all-PAD row in particular), not merely small.
+    if case == "full_ragged_allpad":
+        assert np.all(out[2] == 0.0)
+
+
+def test_sliding_window_is_not_full_causal():
+    """A guard that the reference itself discriminates: with W < T the windowed result differs from full causal."""
+    t, window = 20, 4
+    q, k, v = qkv(5, 2, t)
+    key_pad = suffix_pad([t, t], t)
+    out = np.asarray(swa(q, k, v, jnp.asarray(key_pad), window=window))
+    full = ref_window_attention(q, k, v, key_pad, 0)
+    assert np.max(np.abs(out - full)) > 1e-2
+    # window = 1: every real query copies its own value.
+    out1 = np.asarray(swa(q, k, v, jnp.asarray(key_pad), window=1))
+    np.testing.assert_allclose(out1, v, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,window", [(12, 0), (30, 0), (12, 5), (30, 7), (9, 1), (8, 30)])
+@pytest.mark.parametrize("case", ["full_ragged_allpad", "len1_ragged_full", "scattered"])
+def test_causal_attention_matches_loop_reference(t, window, case):
+    key_pad = pad_cases(t, seed=t * 13 + window)[case]
+    q, k, v = qkv(t * 3 + window + 100, 3, t)
+    out = np.asarray(causal(q, k, v, jnp.asarray(key_pad), window=window))
+    ref = ref_window_attention(q, k, v, key_pad, window)
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=1e-5)
+
+
+def cross_inputs(seed, t, r, c):
+    """Queries pointing at rows -1..R (some out of range), row_valid with a valid prefix, an all-invalid row, holes."""
+    rng = np.random.default_rng(seed)
+    q, _, _ = qkv(seed, 3, t)
+    k = (1.5 * rng.standard_normal((3, r, N_HEADS, HEAD_DIM))).astype(np.float32)
+    v = (1.5 * rng.standard_normal((3, r, N_HEADS, HEAD_DIM))).astype(np.float32)
+    # Non-decreasing segment-like rows for batch 0 and 1, arbitrary (incl. -1 and >= R) for batch 2.
+    q_row = np.stack(
+        [
+            np.sort(rng.integers(0, r, t)),
+            np.sort(rng.integers(0, r, t)),
+            rng.integers(-1, r + c + 1, t),
+        ]
+    ).astype(np.int32)
+    row_valid = np.stack(
+        [
+            np.arange(r) < max(r - 2, 1),  # valid prefix (the usual pattern)
+            np.zeros(r, bool),  # no valid row: every query outputs zero
+            rng.random(r) < 0.6,  # holes
+        ]
+    )
+    return q, k, v, q_row, row_valid
+
+
+@pytest.mark.parametrize("t,r,c", [(11, 5, 1), (11, 5, 2), (20, 9, 3), (6, 4, 6), (15, 7, 4)])
+def test_segment_cross_attention_matches_loop_reference(t, r, c):
+    q, k, v, q_row, row_valid = cross_inputs(t * 11 + r * 3 + c, t, r, c)
+    out = np.asarray(cross(q, k, v, jnp.asarray(q_row), jnp.asarray(row_valid), num_rows_visible=c))
+    ref = ref_cross_attention(q, k, v, q_row, row_valid, c)
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=1e-5)
+    assert np.all(out[1] == 0.0)
+
+
+def test_segment_cross_attention_single_row_copies_value():
+    """num_rows_visible = 1: each query sees exactly its own row, so the output is that row's value (or zero)."""
+    t, r = 9, 4
+    q, k, v, q_row, row_valid = cross_inputs(3, t, r, 1)
+    out = np.asarray(cross(q, k, v, jnp.asarray(q_row), jnp.asarray(row_valid), num_rows_visible=1))
+    for b in range(3):
+        for i in range(t):
+            row = q_row[b, i]
+            want = v[b, row] if 0 <= row < r and row_valid[b, row] else np.zeros_like(v[b, 0])
+            np.testing.assert_allclose(out[b, i], want, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradients
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _grads(fn, q, k, v, cot):
+    return jax.grad(lambda q_, k_, v_: jnp.sum(fn(q_, k_, v_) * cot), argnums=(0, 1, 2))(q, k, v)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "dense"))
+def _window_grads(q, k, v, key_pad, cot, *, window, dense):
+    if dense:
+        return _grads(lambda a, b, c: dense_window_attention(a, b, c, key_pad, window), q, k, v, cot)
+    return _grads(lambda a, b, c: sliding_window_attention(a, b, c, key_pad, window=window), q, k, v, cot)
+
+
+@pytest.mark.parametrize("t,window", [(10, 5), (23, 4), (9, 1), (7, 20)])
+def test_sliding_window_gradients_finite_and_correct(t, window):
+    key_pad = suffix_pad([t // 2, 0, 1], t)  # ragged, all-PAD, length-1
+    q, k, v = qkv(t + window + 7, 3, t)
+    cot = np.random.default_rng(0).standard_normal(q.shape).astype(np.float32)
+    kp = jnp.asarray(key_pad)
+    gq, gk, gv = (np.asarray(g) for g in _window_grads(q, k, v, kp, cot, window=window, dense=False))
+    rq, rk, rv = (np.asarray(g) for g in _window_grads(q, k, v, kp, cot, window=window, dense=True))
+    for g in (gq, gk, gv):
+        assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(gq, rq, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(gk, rk, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(gv, rv, atol=1e-4, rtol=1e-4)
+    # The all-PAD row has a constant (zero) output; PAD keys and values never receive gradient.
+    assert np.all(gq[1] == 0.0)
+    assert np.all(gk[key_pad] == 0.0) and np.all(gv[key_pad] == 0.0)
+
+
+def test_causal_attention_gradients_finite():
+    t = 12
+    key_pad = suffix_pad([t, 0, 1], t)
+    q, k, v = qkv(77, 3, t)
+    cot = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+    for window in (0, 3):
+        gq, gk, gv = jax.jit(
+            lambda a, b, c, w=window: _grads(
+                lambda x, y, z: causal_attention(x, y, z, jnp.asarray(key_pad), window=w), a, b, c, cot
+            )
+        )(q, k, v)
+        for g in (gq, gk, gv):
+            assert np.all(np.isfinite(np.asarray(g)))
+        assert np.all(np.asarray(gq)[1] == 0.0)
+        assert np.all(np.asarray(gk)[key_pad] == 0.0) and np.all(np.asarray(gv)[key_pad] == 0.0)
+
+
+def test_segment_cross_attention_gradients_finite():
+    t, r, c = 11, 5, 2
+    q, k, v, q_row, row_valid = cross_inputs(21, t, r, c)
+    cot = np.random.default_rng(2).standard_normal(q.shape).astype(np.float32)
+    gq, gk, gv = (
+        np.asarray(g)
+        for g in jax.jit(
+            lambda a, b, d: _grads(
+                lambda x, y, z: segment_cross_attention(
+                    x, y, z, jnp.asarray(q_row), jnp.asarray(row_valid), num_rows_visible=c
+                ),
+                a,
+                b,
+                d,
+                cot,
+            )
+        )(q, k, v)
+    )
+    for g in (gq, gk, gv):
+        assert np.all(np.isfinite(g))
+    # Batch row 1 has no valid memory row: no gradient anywhere in it; invalid rows never receive gradient.
+    assert np.all(gq[1] == 0.0) and np.all(gk[1] == 0.0) and np.all(gv[1] == 0.0)
+    assert np.all(gk[~row_valid] == 0.0) and np.all(gv[~row_valid] == 0.0)
+    assert np.any(gq[0] != 0.0) and np.any(gk[0] != 0.0)

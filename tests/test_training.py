@@ -1,0 +1,123 @@
+"""Training step: a tiny model overfits, data parallelism matches one device, the optimizer schedule is right."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from abstractinator_jax import sharding, training
+from abstractinator_jax.model import AbstractinatorPyramid
+
+from .helpers import sentence_batch, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_model_overfits_repeated_sentences():
+    cfg = tiny_config()
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = AbstractinatorPyramid(cfg)
+    opt = training.make_optimizer(cfg)
+    state, shardings = training.create_train_state(cfg, model, mesh, opt)
+    step = training.make_train_step(cfg, model, mesh, opt, shardings)
+    batch = sentence_batch()
+    with jax.set_mesh(mesh):
+        state, first = step(state, batch)
+        for _ in range(cfg.max_steps - 1):
+            state, m = step(state, batch)
+    first, m = jax.device_get(first), jax.device_get(m)
+    assert np.isfinite(m["loss"])
+    assert m["level0/code_ce"] < 0.5 * first["level0/code_ce"]
+    assert m["level0/entropy_loss"] < first["level0/entropy_loss"]
+    assert m["level0/recon_accuracy"] > 0.95, m["level0/recon_accuracy"]
+    assert m["level0/compression_ratio"] > 1.0
+    assert int(state.step) == cfg.max_steps
+
+
+def test_learning_rate_schedule_warmup_and_floor():
+    cfg = tiny_config()
+    cfg.warmup_steps, cfg.max_steps, cfg.learning_rate, cfg.min_lr = 10, 100, 1e-3, 1e-5
+    sched = training.learning_rate_schedule(cfg)
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(5e-4)
+    assert float(sched(10)) == pytest.approx(1e-3)
+    assert float(sched(55)) < 1e-3
+    assert float(sched(100)) == pytest.approx(1e-5)
+    assert float(sched(1000)) == pytest.approx(1e-5)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    """Two micro-batches of 2 rows give the same update as their gradients averaged by hand."""
+    cfg = tiny_config(batch_size=2)
+    cfg.gradient_accumulation_steps = 2
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = AbstractinatorPyramid(cfg)
+    opt = training.make_optimizer(cfg)
+    state, shardings = training.create_train_state(cfg, model, mesh, opt)
+    full = sentence_batch()
+    batch = {k: v.reshape(2, 2, -1) for k, v in full.items()}
+    params0 = jax.device_get(state.params)
+
+    def loss(p, ids, pad):
+        return model.apply({"params": p}, ids, pad)[0]
+
+    grad = jax.jit(jax.grad(loss))
+    g = [grad(params0, batch["ids"][i], batch["mask"][i]) for i in range(2)]
+    g_mean = jax.tree.map(lambda a, b: (a + b) / 2, *g)
+    updates, _ = jax.jit(opt.update)(g_mean, opt.init(params0), params0)
+    expected = jax.tree.map(lambda p, u: p + u, params0, updates)
+    step = training.make_train_step(cfg, model, mesh, opt, shardings)
+    with jax.set_mesh(mesh):
+        state, m = step(state, batch)
+    got = jax.device_get(state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), got, expected)
+    np.testing.assert_allclose(m["grad_norm"], np.sqrt(sum(np.sum(x**2) for x in jax.tree.leaves(g_mean))), rtol=1e-4)
+
+
+_DP_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from abstractinator_jax import sharding, training
+    from abstractinator_jax.model import AbstractinatorPyramid
+    from tests.helpers import sentence_batch, tiny_config
+
+    assert jax.device_count() == 4, jax.devices()
+    cfg = tiny_config()
+    batch = sentence_batch()
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+        model = AbstractinatorPyramid(cfg)
+        opt = training.make_optimizer(cfg)
+        state, sh = training.create_train_state(cfg, model, mesh, opt)
+        step = training.make_train_step(cfg, model, mesh, opt, sh)
+        with jax.set_mesh(mesh):
+            for _ in range(2):
+                state, m = step(state, batch)
+        if len(devices) == 4:
+            assert len(state.params["level_0"]["embedding"].sharding.device_set) == 4
+        results.append((jax.device_get(state.params), jax.device_get(state.opt_state), jax.device_get(m)))
+    (p1, o1, m1), (p4, o4, m4) = results
+    for k in ("loss", "level0/code_ce", "level0/entropy_loss", "grad_norm"):
+        np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), p1, p4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), o1, o4)
+    print("DP_OK", float(m1["loss"]), float(m4["loss"]))
+    """
+)
+
+
+def test_data_parallel_step_matches_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _DP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "DP_OK" in proc.stdout
