@@ -1,8 +1,8 @@
 """Attention forms of ARCHITECTURE 3.1, on `jax.nn.dot_product_attention`.
 
 Kernels (pure functions, inputs (B, T, N, H), `key_pad` True at PAD):
-  - `sliding_window_attention`: causal, position t sees keys [t-W+1, t], never PAD keys. Blocked into chunks of W
-    queries that see their own and the previous chunk (2W keys per query), so cost and memory grow linearly in S.
+  - `sliding_window_attention`: causal, position t sees keys [t-W+1, t], never PAD keys. Queries are blocked into
+    chunks of C that each see the C + W keys ending with the chunk, so cost and memory grow linearly in S.
     With implementation 'cudnn' the plain call with `local_window_size` is used instead (cuDNN skips masked tiles).
   - `causal_attention`: full causal, never PAD keys (top transformer; expander with d_window = 0).
   - `segment_cross_attention`: each query sees a small per-query set of memory rows (the rows of its own segment and
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import apply_rope, constrain, kernel_init
+from .layers import apply_rope, constrain, kernel_init, token_matmul
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -67,47 +67,38 @@ def _cudnn_attention(q, k, v, key_pad, window):
     return jnp.where(key_pad[:, :, None, None], jnp.zeros((), out.dtype), out)
 
 
-def sliding_window_attention(q, k, v, key_pad, *, window: int, implementation: str = "xla"):
+def sliding_window_attention(q, k, v, key_pad, *, window: int, implementation: str = "xla", block: int | None = None):
     """Causal sliding-window attention, linear in T.
 
     q, k, v: (B, T, N, H); key_pad: (B, T) True at PAD. Position t attends to keys [t-window+1, t] that are not PAD.
+    Queries are cut into blocks of C (default window // 4, at least 16); each block attends to the C + window keys
+    that end with it, so the work per query is (C + window) keys instead of the 2 * window of window-sized blocks.
     """
     b, t, n, h = q.shape
     if implementation == "cudnn":
         return _cudnn_attention(q, k, v, key_pad, window)
     w = window
-    if t <= 2 * w:  # one or two blocks: the dense banded form is cheaper than blocking.
+    if t <= 2 * w:  # short rows: the dense banded form is cheaper than blocking.
         return causal_attention(q, k, v, key_pad, window=w)
-    nb = -(-t // w)
-    pad_t = nb * w - t
+    c = block or min(w, max(16, w // 4))
+    nb = -(-t // c)
+    pad_t = nb * c - t
     if pad_t:
-        padw = ((0, 0), (0, pad_t), (0, 0), (0, 0))
-        q, k, v = (jnp.pad(a, padw) for a in (q, k, v))
-        key_pad = jnp.pad(key_pad, ((0, 0), (0, pad_t)), constant_values=True)
-    qb = q.reshape(b, nb, w, n, h)
-    kb = k.reshape(b, nb, w, n, h)
-    vb = v.reshape(b, nb, w, n, h)
-    pb = key_pad.reshape(b, nb, w)
-
-    def with_prev(x, fill):
-        prev = jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
-        return jnp.concatenate([prev, x], axis=2)  # (B, nb, 2W, ...)
-
-    k2 = with_prev(kb, 0)
-    v2 = with_prev(vb, 0)
-    p2 = with_prev(pb, True)
-    # Query i (absolute b*W + i) sees key j of [prev block, this block] (absolute (b-1)*W + j) iff i < j <= i + W.
-    i = jnp.arange(w)[:, None]
-    j = jnp.arange(2 * w)[None, :]
-    band = (j > i) & (j <= i + w)  # (W, 2W)
-    mask = band[None, None] & ~p2[:, :, None, :]  # (B, nb, W, 2W)
-    out = _xla_attention(
-        qb.reshape(b * nb, w, n, h),
-        k2.reshape(b * nb, 2 * w, n, h),
-        v2.reshape(b * nb, 2 * w, n, h),
-        mask.reshape(b * nb, 1, w, 2 * w),
-    )
-    return out.reshape(b, nb * w, n, h)[:, :t]
+        q = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+    # Keys/values with `window` leading slots (left context of block 0) and the tail padding.
+    kv_pad = ((0, 0), (w, pad_t), (0, 0), (0, 0))
+    kp, vp = jnp.pad(k, kv_pad), jnp.pad(v, kv_pad)
+    padp = jnp.pad(key_pad, ((0, 0), (w, pad_t)), constant_values=True)
+    idx = jnp.arange(nb)[:, None] * c + jnp.arange(c + w)[None, :]  # (nb, C+W): block i sees [i*C - W, i*C + C)
+    kb = kp[:, idx].reshape(b * nb, c + w, n, h)
+    vb = vp[:, idx].reshape(b * nb, c + w, n, h)
+    # Query i of a block (absolute i0 + i) sees key j (absolute i0 - W + j) iff i < j <= i + W.
+    i = jnp.arange(c)[:, None]
+    j = jnp.arange(c + w)[None, :]
+    band = (j > i) & (j <= i + w)  # (C, C+W)
+    mask = band[None, None] & ~padp[:, idx][:, :, None, :]  # (B, nb, C, C+W)
+    out = _xla_attention(q.reshape(b * nb, c, n, h), kb, vb, mask.reshape(b * nb, 1, c, c + w))
+    return out.reshape(b, nb * c, n, h)[:, :t]
 
 
 def segment_cross_attention(q, k, v, q_row, row_valid, *, num_rows_visible: int):
@@ -141,11 +132,11 @@ class _Projections(nn.Module):
 
     def proj(self, x, name):  # (..., D) -> (..., N, H)
         w = self.param(name, kernel_init("embed", "heads", "kv"), (x.shape[-1], self.num_heads, self.head_dim))
-        return jnp.einsum("...d,dnh->...nh", x.astype(self.dtype), w.astype(self.dtype))
+        return token_matmul(x.astype(self.dtype), w.astype(self.dtype))
 
     def out(self, x, features):  # (..., N, H) -> (..., D)
         w = self.param("o", kernel_init("heads", "kv", "embed"), (self.num_heads, self.head_dim, features))
-        return jnp.einsum("...nh,nhd->...d", x.astype(self.dtype), w.astype(self.dtype))
+        return token_matmul(x.astype(self.dtype), w.astype(self.dtype), n_in=2)
 
 
 class SelfAttention(_Projections):

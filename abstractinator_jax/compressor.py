@@ -13,7 +13,7 @@ from flax import struct
 from ml_collections import ConfigDict
 
 from .blocks import TransformerBlock
-from .layers import constrain, dense, kernel_init, rms_norm
+from .layers import constrain, dense, kernel_init, rms_norm, token_matmul
 from .segmentation import Segments, entropy_segments, segment_softmax_pool
 
 LN2 = math.log(2.0)
@@ -130,7 +130,7 @@ class LearnedQueryPooling(nn.Module):
         def proj(name):
             def f(inp):  # (..., D) -> (..., N, H)
                 w = self.param(name, kernel_init("embed", "heads", "kv"), (d, n, hd))
-                return jnp.einsum("...d,dnh->...nh", inp.astype(self.dtype), w.astype(self.dtype))
+                return token_matmul(inp.astype(self.dtype), w.astype(self.dtype))
 
             return f
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from abstractinator_jax.abstractinator import AbstractinatorLevel
+from abstractinator_jax.compressor import SegmentCompressor
 from abstractinator_jax.config import BOS_ID, EOS_ID, PAD_ID, base_config
 from abstractinator_jax.model import AbstractinatorPyramid
 
@@ -181,6 +182,29 @@ def test_gaussian_bits_respect_the_sliding_window(t):
     np.testing.assert_allclose(bits2[:, t + window + 1 :], bits[:, t + window + 1 :], atol=SAME, rtol=0)
     np.testing.assert_allclose(bits2[:, :t], bits[:, :t], atol=SAME, rtol=0)
     assert abs(bits2[0, t + window] - bits[0, t + window]) > MOVED
+
+
+def test_gaussian_bits_are_a_surprisal_of_x_t_under_a_prediction_from_earlier_tokens():
+    """With no shared layer the target is the input x itself. Moving x_t along a line x_t + s u changes bits[t] as an
+    exact quadratic in s (the Gaussian log-density of x_t under a mean and variance that do not see x_t): third
+    differences vanish and the curvature is positive. A prediction that peeks at x_t is not quadratic."""
+    ent = model("gaussian", shared=0, window=8)
+    params = ent.variables["params"]
+    comp = SegmentCompressor(ent.cfg.levels[0])
+    ids, key_pad = make_batch(10)
+    x0 = np.asarray(params["embedding"].value)[ids]
+    run = jax.jit(lambda x: comp.apply({"params": params["compressor"]}, x, jnp.asarray(ids), jnp.asarray(key_pad)))
+    u = np.random.default_rng(11).standard_normal(x0.shape[-1]).astype(np.float32)
+    for t in (1, 7, 12, S - 1):
+        f = []
+        for step in (-1.0, 0.0, 1.0, 2.0):
+            x = x0.copy()
+            x[0, t] += step * u
+            f.append(float(run(jnp.asarray(x)).entropy.bits[0, t]))
+        third = f[3] - 3 * f[2] + 3 * f[1] - f[0]
+        second = f[2] - 2 * f[1] + f[0]
+        assert second > 1e-3, (t, f)
+        assert abs(third) < 1e-4 * max(1.0, max(abs(v) for v in f)), (t, f)
 
 
 @pytest.mark.parametrize("kind", ["logit", "gaussian"])
