@@ -1,4 +1,4 @@
-"""Train an Abstractinator.
+r"""Train an Abstractinator.
 
     python train.py --config configs/tiny.py --workdir runs/tiny
     python train.py --config configs/tiny.py \

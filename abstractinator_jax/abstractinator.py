@@ -48,15 +48,15 @@ class AbstractinatorLevel(nn.Module):
     def embed(self, ids):
         return constrain(self.embedding[ids].astype(self.dtype), ("batch", "length", "act_embed"))
 
-    def compress(self, ids, key_pad) -> CompressorOutput:
-        return self.compressor(self.embed(ids), ids, key_pad)
+    def compress(self, ids, key_pad, train: bool = False) -> CompressorOutput:
+        return self.compressor(self.embed(ids), ids, key_pad, train)
 
-    def __call__(self, ids, key_pad) -> LevelOutput:
-        """ids: (B, S) int32; key_pad: (B, S) bool, True at PAD."""
+    def __call__(self, ids, key_pad, train: bool = False) -> LevelOutput:
+        """ids: (B, S) int32; key_pad: (B, S) bool, True at PAD. `train` updates the quantizer's state."""
         cfg = self.cfg
         chex.assert_rank([ids, key_pad], 2)
         chex.assert_type(key_pad, bool)
-        comp = self.compress(ids, key_pad)
+        comp = self.compress(ids, key_pad, train)
         memory = comp.quantized  # straight-through quantized vectors, or the continuous pooled ones
         logits = self.expander(memory, comp.valid_mask, ids, key_pad, comp.segments.seg_id)
         real = ~key_pad
@@ -64,6 +64,7 @@ class AbstractinatorLevel(nn.Module):
         loss = cfg.w_code_ce * code_ce + cfg.w_byte_lm_ce * comp.entropy.loss + cfg.w_vq * comp.vq_loss
         metrics = level_metrics(comp, logits, ids, key_pad)
         metrics.update(loss=loss, code_ce=code_ce, entropy_loss=comp.entropy.loss, vq_loss=comp.vq_loss)
+        metrics.update(comp.vq_metrics)
         return LevelOutput(loss=loss, metrics=metrics, compressor=comp, logits=logits)
 
 

@@ -216,13 +216,15 @@ class CheckpointManager:
     """
 
     def __init__(self, workdir: str | os.PathLike, max_to_keep: int | None = 3, save_interval_steps: int = 1):
-        self.workdir = Path(os.path.expanduser(os.fspath(workdir)))
+        # Orbax needs absolute paths (a relative one fails only in its background commit thread).
+        self.workdir = Path(os.path.expanduser(os.fspath(workdir))).absolute()
         self.directory = self.workdir / CHECKPOINT_SUBDIR
         self._max_to_keep = max_to_keep
         self._save_interval_steps = save_interval_steps
         self._mngr = self._new_manager(partial=False)
         self._partial_mngr: ocp.CheckpointManager | None = None
         self._closed = False
+        self._pending_step: int | None = None
 
     def _new_manager(self, partial: bool) -> ocp.CheckpointManager:
         if partial:  # only restores
@@ -303,6 +305,8 @@ class CheckpointManager:
         """
         self._check_open()
         step = int(step)
+        if self._pending_step is not None:
+            self.wait()  # surface a failed background write of the previous checkpoint before going on
         steps = self.all_steps()
         if step in steps:
             log.info("checkpoint for step %d already exists under %s; not saving it again", step, self.directory)
@@ -330,6 +334,8 @@ class CheckpointManager:
             raise CheckpointError(
                 f"saving the checkpoint for step {step} under {self.directory} failed: {type(e).__name__}: {e}"
             ) from e
+        if saved:
+            self._pending_step = step
         return bool(saved)
 
     def wait(self) -> None:
@@ -339,6 +345,15 @@ class CheckpointManager:
             self._mngr.check_for_errors()
         except Exception as e:
             raise CheckpointError(f"writing a checkpoint under {self.directory} failed: {type(e).__name__}: {e}") from e
+        pending, self._pending_step = self._pending_step, None
+        if pending is None:
+            return
+        self._mngr.reload()  # re-read the directory: a step whose commit failed is not listed
+        if pending not in self._mngr.all_steps():
+            raise CheckpointError(
+                f"the checkpoint for step {pending} under {self.directory} was not completed (see the log above for "
+                "Orbax's error); the previous checkpoints are intact."
+            )
 
     def close(self) -> None:
         """Wait for pending saves, then release Orbax's resources. Idempotent."""

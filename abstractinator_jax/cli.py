@@ -38,6 +38,8 @@ def _config_path(argv) -> str | None:
 
 def check_config_args(argv) -> None:
     """Reject unknown `--config.<key>` overrides and invalid config files with one clear message."""
+    if any(a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
+        return  # absl prints the help
     path = _config_path(argv)
     if path is None:
         fail("missing --config; pass e.g. --config configs/tiny.py")

@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 
 from .blocks import TransformerBlock
 from .layers import constrain, dense, kernel_init, rms_norm, token_matmul
+from .quantizer import ResidualVQ
 from .segmentation import Segments, entropy_segments, segment_softmax_pool
 
 LN2 = math.log(2.0)
@@ -34,6 +35,7 @@ class CompressorOutput:
     segments: Segments
     entropy: EntropyOut
     vq_loss: jax.Array  # () float32
+    vq_metrics: dict  # quantizer metrics (perplexity, dead codes, ...); empty without a quantizer
 
 
 def _stack(cfg, n_layers, window, impl, dtype, name):
@@ -158,8 +160,9 @@ class SegmentCompressor(nn.Module):
         return self.cfg.c_output_length // self.cfg.c_num_queries
 
     @nn.compact
-    def __call__(self, x, ids, key_pad) -> CompressorOutput:
-        """x: (B, S, D) input embeddings; ids: (B, S) int targets of the entropy LM (logit kind); key_pad: (B, S)."""
+    def __call__(self, x, ids, key_pad, train: bool = False) -> CompressorOutput:
+        """x: (B, S, D) input embeddings; ids: (B, S) int targets of the entropy LM (logit kind); key_pad: (B, S).
+        `train` lets the quantizer update its state (when applied with mutable=['vq_state'])."""
         cfg = self.cfg
         b, s, d = x.shape
         chex.assert_shape(key_pad, (b, s))
@@ -188,13 +191,36 @@ class SegmentCompressor(nn.Module):
             name="pooler",
         )(h, seg, key_pad)
         pooled = constrain(pooled, ("batch", "length", "act_embed"))
-        codes = jnp.full(valid.shape, -1, jnp.int32)
+        if cfg.c_vq_K > 0:
+            quantized, codes, vq_loss, vq_metrics = make_quantizer(cfg)(pooled, valid, train)
+        else:
+            quantized, codes = pooled, jnp.full(valid.shape, -1, jnp.int32)
+            vq_loss, vq_metrics = jnp.zeros((), jnp.float32), {}
         return CompressorOutput(
             pooled=pooled,
-            quantized=pooled,
+            quantized=quantized,
             codes=codes,
             valid_mask=valid,
             segments=seg,
             entropy=ent,
-            vq_loss=jnp.zeros((), jnp.float32),
+            vq_loss=vq_loss,
+            vq_metrics=vq_metrics,
         )
+
+
+def make_quantizer(cfg: ConfigDict) -> ResidualVQ:
+    """The level's residual VQ from its config (c_vq_*)."""
+    return ResidualVQ(
+        K=cfg.c_vq_K,
+        depth=cfg.c_vq_depth,
+        code_dim=cfg.c_vq_d_c or cfg.D,
+        beta=cfg.c_vq_beta,
+        ema=cfg.c_vq_ema,
+        decay=cfg.c_vq_decay,
+        reset_interval=cfg.c_vq_reset_interval,
+        reset_fraction=cfg.c_vq_reset_fraction,
+        dead_threshold=cfg.c_vq_dead_threshold,
+        buffer_size=cfg.c_vq_buffer_size,
+        vectors_per_step=cfg.c_vq_vectors_per_step,
+        name="quantizer",
+    )

@@ -62,7 +62,13 @@ def level_defaults() -> ConfigDict:
     c.c_vq_depth = 1
     c.c_vq_d_c = _opt(None, int)
     c.c_vq_beta = 0.25
-    c.c_vq_reset_interval = 250
+    c.c_vq_reset_interval = 250  # steps between dead-code resets (EMA codebooks); 0 = never
+    c.c_vq_ema = True  # EMA codebook updates (else the codebook is trained by the codebook loss)
+    c.c_vq_decay = 0.999
+    c.c_vq_reset_fraction = 0.1  # at most this fraction of K codes replaced per reset
+    c.c_vq_dead_threshold = 1.0  # EMA usage (codes per step) below which a code is dead
+    c.c_vq_buffer_size = 65536  # ring buffer of recent pooled vectors, the reset's sources
+    c.c_vq_vectors_per_step = 1024  # vectors written to the buffer per training step
     # Expander.
     c.d_layers = 9
     c.d_heads = 8
@@ -240,7 +246,20 @@ def _check_level(i: int, lv: ConfigDict, seq_len: int) -> list[str]:
     if lv.c_vq_K < 0:
         p.append(f"{k}.c_vq_K={lv.c_vq_K} must be >= 0 (0 turns the quantizer off).")
     if lv.c_vq_K > 0:
-        p.append(f"{k}.c_vq_K={lv.c_vq_K}: the vector quantizer is not built yet in this version; set {k}.c_vq_K=0.")
+        if lv.c_vq_K <= 4:
+            p.append(f"{k}.c_vq_K={lv.c_vq_K}: needs more than the 4 codes reserved for specials (or 0: no quantizer).")
+        if lv.c_vq_depth < 1:
+            p.append(f"{k}.c_vq_depth={lv.c_vq_depth} must be >= 1.")
+        elif lv.c_vq_K**lv.c_vq_depth >= 2**31:
+            p.append(f"{k}.c_vq_K ** c_vq_depth = {lv.c_vq_K}**{lv.c_vq_depth} overflows int32 code ids; lower one.")
+        if lv.c_vq_d_c is not None and lv.c_vq_d_c < 1:
+            p.append(f"{k}.c_vq_d_c={lv.c_vq_d_c} must be >= 1 (or None: D).")
+        if not 0.0 < lv.c_vq_decay < 1.0:
+            p.append(f"{k}.c_vq_decay={lv.c_vq_decay} must be in (0, 1).")
+        if lv.c_vq_reset_interval < 0:
+            p.append(f"{k}.c_vq_reset_interval={lv.c_vq_reset_interval} must be >= 0 (0 = never).")
+        if lv.c_vq_reset_interval > 0 and not lv.c_vq_ema:
+            p.append(f"{k}.c_vq_reset_interval needs c_vq_ema=True (dead codes are found by EMA usage); set it to 0.")
     if lv.d_lo_d_c < 1:
         p.append(f"{k}.d_lo_d_c={lv.d_lo_d_c} must be >= 1.")
     return p
@@ -265,7 +284,15 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
             problems.append(f"stage={cfg.stage}; choose 1 (pyramid) or 2 (top transformer).")
         if cfg.stage == 2:
             problems.append("stage=2 (top transformer) is not built yet in this version; use stage=1.")
-        for key in ("batch_size", "sequence_length", "max_steps", "gradient_accumulation_steps", "log_interval"):
+        for key in (
+            "batch_size",
+            "sequence_length",
+            "max_steps",
+            "gradient_accumulation_steps",
+            "log_interval",
+            "eval_interval",
+            "checkpoint_interval",
+        ):
             if cfg[key] < 1:
                 problems.append(f"{key}={cfg[key]} must be >= 1.")
         if cfg.sequence_length < 2:

@@ -34,12 +34,13 @@ class AbstractinatorPyramid(nn.Module):
             for i, lv in enumerate(cfg.levels)
         ]
 
-    def __call__(self, ids, key_pad) -> tuple[jax.Array, dict]:
-        out: LevelOutput = self.levels[0](ids, key_pad)
+    def __call__(self, ids, key_pad, train: bool = False) -> tuple[jax.Array, dict]:
+        """`train=True` with mutable=['vq_state'] and an rng stream 'vq' updates quantizer state (EMA, resets)."""
+        out: LevelOutput = self.levels[0](ids, key_pad, train)
         metrics = {f"level0/{k}": v for k, v in out.metrics.items()}
         metrics["loss"] = out.loss
         return out.loss, metrics
 
     def compress_all(self, ids, key_pad) -> list[CompressorOutput]:
-        """Per-level compressor outputs (one level today)."""
-        return [self.levels[0].compress(ids, key_pad)]
+        """Per-level compressor outputs (one level today); never updates state."""
+        return [self.levels[0].compress(ids, key_pad, False)]

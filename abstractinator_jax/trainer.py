@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -12,7 +13,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from . import data as data_lib
@@ -22,7 +25,15 @@ from .config import PAD_ID, ConfigError, to_dict, validate_config
 from .model import AbstractinatorPyramid
 from .sharding import LOGICAL_AXIS_RULES, batch_divisor, batch_sharding, make_mesh, replicated
 from .summaries import SummaryWriter
-from .training import count_params, create_train_state, make_eval_step, make_optimizer, make_train_step
+from .training import (
+    TrainState,
+    abstract_train_state,
+    count_params,
+    create_train_state,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+)
 
 log = logging.getLogger("abstractinator_jax")
 
@@ -67,6 +78,44 @@ def model_config_differences(saved: dict, current: dict) -> list[str]:
     return out
 
 
+@dataclasses.dataclass
+class Run:
+    """What a config builds: the device mesh, the model, the optimizer and the train state's template/shardings."""
+
+    mesh: Mesh
+    model: AbstractinatorPyramid
+    optimizer: optax.GradientTransformation
+    abstract_state: TrainState  # jax.ShapeDtypeStruct leaves with shardings (a restore template)
+    shardings: TrainState
+
+
+def build(cfg: ConfigDict) -> Run:
+    """Validate `cfg` and build mesh, model, optimizer and the train state's template (nothing allocated)."""
+    validate_config(cfg)
+    mesh = make_mesh(cfg.mesh)
+    if cfg.batch_size % batch_divisor(mesh):
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not divisible by the {batch_divisor(mesh)} data-parallel devices; "
+            f"set --config.batch_size to a multiple of {batch_divisor(mesh)}."
+        )
+    model = AbstractinatorPyramid(cfg)
+    optimizer = make_optimizer(cfg)
+    abstract, shardings = abstract_train_state(cfg, model, mesh, optimizer)
+    return Run(mesh, model, optimizer, abstract, shardings)
+
+
+def check_checkpoint_config(ckpt: CheckpointManager, step: int, cfg: ConfigDict, where) -> None:
+    """Raise CheckpointError naming every model setting in which checkpoint `step` differs from `cfg`."""
+    saved = ckpt.restore_config(step) or {}
+    diffs = model_config_differences(saved, to_dict(cfg))
+    if diffs:
+        raise CheckpointError(
+            f"{where} holds a checkpoint (step {step}) of a different model:\n  - "
+            + "\n  - ".join(diffs)
+            + "\nUse a new --workdir, or run with the checkpoint's model settings."
+        )
+
+
 class _MetricAccumulator:
     """Sums device metrics between log points without a host round-trip per step."""
 
@@ -91,21 +140,12 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
 
     `stop_at_step` ends the run early at that step with a checkpoint, as a preemption would (a later call resumes).
     """
-    validate_config(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data_cfg = resolve_data_config(cfg.data)
 
-    mesh = make_mesh(cfg.mesh)
-    if cfg.batch_size % batch_divisor(mesh):
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} is not divisible by the {batch_divisor(mesh)} data-parallel devices; "
-            f"set --config.batch_size to a multiple of {batch_divisor(mesh)}."
-        )
-    model = AbstractinatorPyramid(cfg)
-    optimizer = make_optimizer(cfg)
-    state, shardings = create_train_state(cfg, model, mesh, optimizer)
-    n_params = count_params(state.params)
+    run = build(cfg)
+    mesh, model, optimizer, shardings = run.mesh, run.model, run.optimizer, run.shardings
     train_step = make_train_step(cfg, model, mesh, optimizer, shardings)
     eval_step = make_eval_step(model, mesh, shardings)
 
@@ -126,29 +166,23 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
     )
 
     ckpt = CheckpointManager(workdir, max_to_keep=cfg.max_checkpoints_to_keep)
-    start_step = 0
     latest = ckpt.latest_step()
-    if latest is not None:
-        saved = ckpt.restore_config(latest) or {}
-        diffs = model_config_differences(saved, to_dict(cfg))
-        if diffs:
-            raise CheckpointError(
-                f"{workdir} holds a checkpoint (step {latest}) of a different model:\n  - "
-                + "\n  - ".join(diffs)
-                + "\nUse a new --workdir, or run with the checkpoint's model settings."
-            )
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        state, _ = ckpt.restore(latest, abstract_state=abstract, data_iterator=train_it)
-        start_step = int(state.step)
-        log.info("Resumed from %s at step %d", ckpt.directory, start_step)
+    if latest is None:
+        state, _ = create_train_state(cfg, model, mesh, optimizer)
+    else:
+        check_checkpoint_config(ckpt, latest, cfg, workdir)
+        state = ckpt.restore(latest, abstract_state=run.abstract_state, data_iterator=train_it)[0]
+        log.info("Resumed from %s at step %d", ckpt.directory, int(state.step))
+    start_step = int(state.step)
+    n_params = count_params(state.params)
 
     writer = SummaryWriter(workdir / "tensorboard")
     if start_step == 0:
         writer.text(0, "config", json.dumps(to_dict(cfg), indent=2, default=str))
         writer.scalars(0, {"model/parameters": n_params})
 
-    sample_ids = _sample_row(cfg, eval_batches)
-    segment_fn = jax.jit(lambda p, ms, ids, pad: _segment(model, p, ms, ids, pad))
+    sample_ids = first_real_row(eval_batches)
+    segment_fn = jax.jit(lambda p, ms, ids, pad: segment_outputs(model, p, ms, ids, pad))
 
     batch_in_sharding = batch_sharding(mesh, 3, 1)
     acc = _MetricAccumulator()
@@ -177,6 +211,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
                     scalars["throughput/bytes_per_s"] = scalars.pop("real_bytes_total") / dt
                     scalars["throughput/steps_per_s"] = steps_done / dt
                     scalars.pop("real_bytes")
+                    scalars.pop("level0/real_tokens", None)
                     writer.scalars(step, _train_tags(scalars))
                     last_logged = scalars
                     if progress is not None:
@@ -188,7 +223,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
                             Bps=f"{scalars['throughput/bytes_per_s']:.0f}",
                         )
                     else:
-                        log.info("step %d %s", step, {k: round(v, 4) for k, v in scalars.items()})
+                        log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
                     if not np.isfinite(scalars["loss"]):
                         raise FloatingPointError(
                             f"loss became {scalars['loss']} at step {step}; lower --config.learning_rate or check "
@@ -198,12 +233,14 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
                     last_eval = evaluate(eval_step, state, eval_batches, mesh)
                     writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
                     if sample_ids is not None:
-                        seg_text = _segmented_sample(segment_fn, state, sample_ids, mesh)
+                        seg_text = segmented_sample(segment_fn, state, sample_ids, mesh)
                         writer.text(step, "samples/segmented", seg_text)
                     writer.flush()
                 if step % cfg.checkpoint_interval == 0 or step in (cfg.max_steps, end):
                     ckpt.save(step, state, data_iterator=train_it, config=to_dict(cfg), force=True)
         finally:
+            if hasattr(train_it, "close"):
+                train_it.close()
             if progress is not None:
                 progress.close()
             ckpt.wait()
@@ -242,7 +279,7 @@ def evaluate(eval_step, state, eval_batches, mesh) -> dict:
     return {k: v / weight_total for k, v in sums.items() if k != "level0/real_tokens"} if weight_total else {}
 
 
-def _sample_row(cfg, eval_batches):
+def first_real_row(eval_batches):
     """The first held-out row with real bytes, (1, S), shown cut into segments in TensorBoard."""
     for b in eval_batches:
         for row in b["ids"]:
@@ -251,16 +288,23 @@ def _sample_row(cfg, eval_batches):
     return None
 
 
-def _segment(model, params, model_state, ids, pad):
+def segment_outputs(model, params, model_state, ids, pad):
     comp = model.apply({"params": params, **model_state}, ids, pad, method=model.compress_all)[0]
-    return comp.segments.patch_end_mask
+    return comp.segments.patch_end_mask, comp.codes, comp.valid_mask
 
 
-def _segmented_sample(segment_fn, state, ids, mesh) -> str:
+def segmented_sample(segment_fn, state, ids, mesh) -> str:
+    """The sample row cut into its segments, and (with a quantizer) the code id of each segment."""
     pad = ids == PAD_ID
     rep = replicated(mesh)
-    ends = segment_fn(state.params, state.model_state, jax.device_put(ids, rep), jax.device_put(pad, rep))
-    return tokenizer.render_segments(ids[0], np.asarray(jax.device_get(ends))[0])
+    ends, codes, valid = jax.device_get(
+        segment_fn(state.params, state.model_state, jax.device_put(ids, rep), jax.device_put(pad, rep))
+    )
+    text = tokenizer.render_segments(ids[0], np.asarray(ends)[0])
+    row_codes = np.asarray(codes)[0][np.asarray(valid)[0]]
+    if row_codes.size and row_codes[0] >= 0:
+        text += "\n\ncodes: " + " ".join(str(c) for c in row_codes)
+    return text
 
 
 def _progress(cfg, start_step):

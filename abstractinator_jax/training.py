@@ -61,8 +61,7 @@ def dummy_batch(cfg: ConfigDict, batch_size: int | None = None):
     return ids, jnp.zeros((b, cfg.sequence_length), bool)
 
 
-def create_train_state(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer: optax.GradientTransformation):
-    """Initialise parameters and optimizer state directly with their shardings. Returns (state, state_shardings)."""
+def _boxed_init_fn(cfg: ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation):
     ids, pad = dummy_batch(cfg, 1)
 
     def init_boxed(rng):
@@ -76,44 +75,73 @@ def create_train_state(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer:
             rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
         )
 
-    root = jax.random.key(cfg.seed)
+    return init_boxed
+
+
+def abstract_train_state(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer: optax.GradientTransformation):
+    """(state of jax.ShapeDtypeStruct with shardings, shardings) without allocating anything: a restore template."""
+    init_boxed = _boxed_init_fn(cfg, model, optimizer)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        abstract = jax.eval_shape(init_boxed, root)
+        abstract = jax.eval_shape(init_boxed, jax.random.key(cfg.seed))
         shardings = logical_sharding(abstract, mesh)
-        state = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)(root)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract), shardings
+    )
+    return abstract, shardings
+
+
+def create_train_state(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer: optax.GradientTransformation):
+    """Initialise parameters and optimizer state directly with their shardings. Returns (state, state_shardings)."""
+    init_boxed = _boxed_init_fn(cfg, model, optimizer)
+    _, shardings = abstract_train_state(cfg, model, mesh, optimizer)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        state = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)(jax.random.key(cfg.seed))
     return state, shardings
 
 
-def _loss_fn(model, params, model_state, ids, pad):
-    loss, metrics = model.apply({"params": params, **model_state}, ids, pad)
-    return loss, metrics
+def _loss_fn(model, params, model_state, ids, pad, rng=None, train: bool = False):
+    """(loss, (metrics, new_model_state)). With train=True the model's mutable state collections are updated."""
+    variables = {"params": params, **model_state}
+    if train and model_state:
+        (loss, metrics), new_state = model.apply(
+            variables, ids, pad, train=True, rngs={"vq": rng}, mutable=list(model_state)
+        )
+        return loss, (metrics, dict(new_state))
+    loss, metrics = model.apply(variables, ids, pad, train=False)
+    return loss, (metrics, model_state)
 
 
 def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, shardings: TrainState) -> Callable:
     """jit(state, batch) -> (state, metrics). batch: {'ids': (A, B, S) int32, 'mask': (A, B, S) bool (True = PAD)},
-    A = gradient_accumulation_steps micro-batches whose gradients are averaged."""
+    A = gradient_accumulation_steps micro-batches whose gradients are averaged. The model state (quantizer EMA and
+    buffers) is updated micro-batch by micro-batch, in order."""
     schedule = learning_rate_schedule(cfg)
     in_batch = {"ids": batch_sharding(mesh, 3, 1), "mask": batch_sharding(mesh, 3, 1)}
 
     def step(state: TrainState, batch):
         with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model), has_aux=True)
+            grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model, train=True), has_aux=True)
+            step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            n = batch["ids"].shape[0]
 
-            def micro(carry, mb):
-                grads_acc, metrics_acc = carry
-                (_, metrics), grads = grad_fn(state.params, state.model_state, mb["ids"], mb["mask"])
+            def micro(carry, xs):
+                grads_acc, metrics_acc, model_state = carry
+                mb, i = xs
+                rng = jax.random.fold_in(step_key, i)
+                (_, (metrics, model_state)), grads = grad_fn(state.params, model_state, mb["ids"], mb["mask"], rng)
                 grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
                 metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
-                return (grads_acc, metrics_acc), None
+                return (grads_acc, metrics_acc, model_state), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
             first = jax.tree.map(lambda x: x[0], batch)
             metrics_shape = jax.eval_shape(
-                lambda: _loss_fn(model, state.params, state.model_state, first["ids"], first["mask"])[1]
+                lambda: _loss_fn(model, state.params, state.model_state, first["ids"], first["mask"])[1][0]
             )
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
-            (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m), batch)
-            n = batch["ids"].shape[0]
+            (grads, metrics, model_state), _ = jax.lax.scan(
+                micro, (zeros_g, zeros_m, state.model_state), (batch, jnp.arange(n))
+            )
             grads = jax.tree.map(lambda g: g / n, grads)
             metrics = jax.tree.map(lambda m: m / n, metrics)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -121,7 +149,7 @@ def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, sh
             metrics["grad_norm"] = optax.global_norm(grads)
             metrics["learning_rate"] = schedule(state.step)
             metrics["real_bytes"] = jnp.sum(~batch["mask"]).astype(jnp.float32)
-            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
             return new_state, metrics
 
     return jax.jit(
@@ -137,7 +165,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh, shardings: TrainState) -> Calla
 
     def step(params, model_state, ids, pad):
         with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            return _loss_fn(model, params, model_state, ids, pad)[1]
+            return _loss_fn(model, params, model_state, ids, pad)[1][0]
 
     b2 = batch_sharding(mesh, 2, 0)
     return jax.jit(

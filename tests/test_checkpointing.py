@@ -272,3 +272,16 @@ def test_resolve_init_from_three_forms(tmp_path):
     (tmp_path / "empty" / "checkpoints").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint under"):
         resolve_init_from(tmp_path / "empty")
+
+
+def test_relative_workdir_checkpoints_are_completed(tmp_path, monkeypatch):
+    """Orbax rejects relative paths only in its background commit thread; the manager must make them absolute."""
+    monkeypatch.chdir(tmp_path)
+    with CheckpointManager("relative_run") as mngr:
+        mngr.save(1, {"a": np.ones(3, np.float32)})
+        mngr.save(2, {"a": np.zeros(3, np.float32)})
+    with CheckpointManager("relative_run") as mngr:
+        assert mngr.all_steps() == [1, 2]
+        state, _ = mngr.restore(2, abstract_state={"a": np.ones(3, np.float32)})
+    np.testing.assert_array_equal(np.asarray(state["a"]), np.zeros(3, np.float32))
+    assert not list((tmp_path / "relative_run" / "checkpoints").glob("*tmp*"))
