@@ -11,7 +11,8 @@ from ml_collections import ConfigDict
 
 from .compressor import CompressorOutput, SegmentCompressor
 from .expander import Expander
-from .layers import constrain, kernel_init
+from .layers import constrain, dense, kernel_init
+from .quantizer import CodeCodec
 
 
 @struct.dataclass
@@ -31,51 +32,75 @@ def _cross_entropy(logits, targets, mask):
 
 
 class AbstractinatorLevel(nn.Module):
-    """Level k: ids (B, S) in the level's vocabulary -> compressed memory rows, reconstruction loss and metrics."""
+    """Level k: ids (B, S) in the level's vocabulary -> compressed memory rows, reconstruction loss and metrics.
+
+    Level 0 reads bytes through its own embedding table. Level k > 0 reads the level below's quantized vectors
+    (projected when the widths differ) and reconstructs its composed code ids (digit base `lo_K`, `lo_depth` digits)
+    through the lower level's stage codebooks.
+    """
 
     cfg: ConfigDict
+    lo_K: int | None = None  # None at level 0
+    lo_depth: int = 1
+    lo_D: int | None = None
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         cfg = self.cfg
-        self.embedding = self.param(
-            "embedding", kernel_init("vocab", "embed", init=nn.initializers.normal(1.0)), (cfg.vocab_size, cfg.D)
-        )
+        if self.lo_K is None:
+            self.embedding = self.param(
+                "embedding", kernel_init("vocab", "embed", init=nn.initializers.normal(1.0)), (cfg.vocab_size, cfg.D)
+            )
+            vocab, start, code_K = cfg.vocab_size, cfg.eos_id, cfg.vocab_size
+        else:
+            if self.lo_D != cfg.D:
+                self.in_proj = dense(cfg.D, ("embed", "embed_out"), dtype=self.dtype, name="in_proj")
+            vocab, start, code_K = None, CodeCodec(self.lo_K, self.lo_depth).eos_id, self.lo_K
         self.compressor = SegmentCompressor(cfg, self.implementation, self.dtype)
-        self.expander = Expander(cfg, cfg.vocab_size, cfg.eos_id, self.implementation, self.dtype)
+        self.expander = Expander(cfg, vocab, start, code_K, self.lo_depth, self.implementation, self.dtype)
 
-    def embed(self, ids):
-        return constrain(self.embedding[ids].astype(self.dtype), ("batch", "length", "act_embed"))
+    def embed(self, ids, inputs=None):
+        if self.lo_K is None:
+            x = self.embedding[ids].astype(self.dtype)
+        else:
+            x = inputs.astype(self.dtype)
+            if self.lo_D != self.cfg.D:
+                x = self.in_proj(x)
+        return constrain(x, ("batch", "length", "act_embed"))
 
-    def compress(self, ids, key_pad, train: bool = False) -> CompressorOutput:
-        return self.compressor(self.embed(ids), ids, key_pad, train)
+    def compress(self, ids, key_pad, train: bool = False, inputs=None) -> CompressorOutput:
+        return self.compressor(self.embed(ids, inputs), ids, key_pad, train)
 
-    def __call__(self, ids, key_pad, train: bool = False) -> LevelOutput:
-        """ids: (B, S) int32; key_pad: (B, S) bool, True at PAD. `train` updates the quantizer's state."""
+    def __call__(self, ids, key_pad, train: bool = False, inputs=None, lo_codebooks=None) -> LevelOutput:
+        """ids: (B, S) int32; key_pad: (B, S) bool, True at PAD; above level 0 also the level below's quantized
+        vectors `inputs` (B, S, D_lo) and stage codebooks. `train` updates the quantizer's state."""
         cfg = self.cfg
         chex.assert_rank([ids, key_pad], 2)
         chex.assert_type(key_pad, bool)
-        comp = self.compress(ids, key_pad, train)
+        comp = self.compress(ids, key_pad, train, inputs)
         memory = comp.quantized  # straight-through quantized vectors, or the continuous pooled ones
-        logits = self.expander(memory, comp.valid_mask, ids, key_pad, comp.segments.seg_id)
+        logits, digits = self.expander(memory, comp.valid_mask, ids, key_pad, comp.segments.seg_id, lo_codebooks)
         real = ~key_pad
-        code_ce = sum(_cross_entropy(lg, ids, real) for lg in logits)
+        code_ce = sum(_cross_entropy(lg, digits[..., s], real) for s, lg in enumerate(logits))
         loss = cfg.w_code_ce * code_ce + cfg.w_byte_lm_ce * comp.entropy.loss + cfg.w_vq * comp.vq_loss
-        metrics = level_metrics(comp, logits, ids, key_pad)
+        metrics = level_metrics(comp, logits, digits, key_pad)
         metrics.update(loss=loss, code_ce=code_ce, entropy_loss=comp.entropy.loss, vq_loss=comp.vq_loss)
         metrics.update(comp.vq_metrics)
         return LevelOutput(loss=loss, metrics=metrics, compressor=comp, logits=logits)
 
 
-def level_metrics(comp: CompressorOutput, logits, ids, key_pad) -> dict:
-    """Compression and reconstruction metrics of a level (ARCHITECTURE 3.7), as float32 scalars."""
+def level_metrics(comp: CompressorOutput, logits, digits, key_pad) -> dict:
+    """Compression and reconstruction metrics of a level (ARCHITECTURE 3.7), as float32 scalars. A token counts as
+    reconstructed when every stage's argmax digit (teacher-forced residuals) matches."""
     real = ~key_pad
     n_real = jnp.sum(real).astype(jnp.float32)
     n_seg = jnp.sum(comp.segments.num_segments).astype(jnp.float32)
     rows_with_data = jnp.sum(jnp.any(real, axis=1)).astype(jnp.float32)
-    pred = jnp.argmax(logits[0], axis=-1)
-    correct = jnp.sum((pred == ids) & real).astype(jnp.float32)
+    match = jnp.ones(key_pad.shape, bool)
+    for s, lg in enumerate(logits):
+        match &= jnp.argmax(lg, axis=-1) == digits[..., s]
+    correct = jnp.sum(match & real).astype(jnp.float32)
     bits = comp.entropy.bits
     return {
         "compression_ratio": n_real / jnp.maximum(n_seg, 1.0),

@@ -36,6 +36,7 @@ class CompressorOutput:
     entropy: EntropyOut
     vq_loss: jax.Array  # () float32
     vq_metrics: dict  # quantizer metrics (perplexity, dead codes, ...); empty without a quantizer
+    codebooks: list  # [(K, d_c)] per RVQ stage (the level above embeds / predicts codes with them); [] without
 
 
 def _stack(cfg, n_layers, window, impl, dtype, name):
@@ -192,10 +193,12 @@ class SegmentCompressor(nn.Module):
         )(h, seg, key_pad)
         pooled = constrain(pooled, ("batch", "length", "act_embed"))
         if cfg.c_vq_K > 0:
-            quantized, codes, vq_loss, vq_metrics = make_quantizer(cfg)(pooled, valid, train)
+            quantizer = make_quantizer(cfg)
+            quantized, codes, vq_loss, vq_metrics = quantizer(pooled, valid, train)
+            codebooks = quantizer.stage_codebooks()
         else:
             quantized, codes = pooled, jnp.full(valid.shape, -1, jnp.int32)
-            vq_loss, vq_metrics = jnp.zeros((), jnp.float32), {}
+            vq_loss, vq_metrics, codebooks = jnp.zeros((), jnp.float32), {}, []
         return CompressorOutput(
             pooled=pooled,
             quantized=quantized,
@@ -205,6 +208,7 @@ class SegmentCompressor(nn.Module):
             entropy=ent,
             vq_loss=vq_loss,
             vq_metrics=vq_metrics,
+            codebooks=codebooks,
         )
 
 

@@ -209,6 +209,40 @@ def _unknown_keys(cfg: Mapping[str, Any], schema: Mapping[str, Any], prefix: str
     return problems
 
 
+def _check_pyramid(cfg: ConfigDict) -> list[str]:
+    """Contradictions between levels, and between the top level and the top transformer."""
+    p = []
+    for i in range(1, len(cfg.levels)):
+        lo, lv, k = cfg.levels[i - 1], cfg.levels[i], f"levels[{i}]"
+        if lo.c_vq_K <= 0:
+            p.append(f"{k} reconstructs the codes of levels[{i - 1}], which has no quantizer: set its c_vq_K > 0.")
+        if lv.c_entropy_model != "gaussian":
+            p.append(f"{k}.c_entropy_model must be 'gaussian' above level 0 (codes have no byte vocabulary).")
+        lo_slots = lo.c_output_length
+        if lv.c_output_length // lv.c_num_queries > lo_slots:
+            p.append(
+                f"{k}.c_output_length // c_num_queries = {lv.c_output_length // lv.c_num_queries} segment slots exceed "
+                f"the {lo_slots} rows of levels[{i - 1}]; lower {k}.c_output_length."
+            )
+    if cfg.use_top_code_lm:
+        top, lv = cfg.top_transformer_config, cfg.levels[-1]
+        if top.embed_dim != lv.D:
+            p.append(
+                f"top_transformer_config.embed_dim={top.embed_dim} must equal the top level's D={lv.D} "
+                f"(levels[{len(cfg.levels) - 1}].D)."
+            )
+        if top.num_heads <= 0 or top.dim % top.num_heads or (top.dim // top.num_heads) % 2:
+            p.append(
+                f"top_transformer_config.dim={top.dim} must split into num_heads={top.num_heads} even-width heads."
+            )
+        if not top.continuous and lv.c_vq_K <= 0:
+            p.append(
+                "top_transformer_config.continuous=False predicts codes, but the top level has no quantizer: set "
+                f"levels[{len(cfg.levels) - 1}].c_vq_K or continuous=True."
+            )
+    return p
+
+
 def _check_level(i: int, lv: ConfigDict, seq_len: int) -> list[str]:
     p, k = [], f"levels[{i}]"
     if lv.attention_type not in _ENUMS["attention_type"]:
@@ -271,8 +305,9 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
     if not problems:
         if len(cfg.levels) != cfg.num_levels:
             problems.append(f"num_levels={cfg.num_levels} but {len(cfg.levels)} entries in 'levels'; make them agree.")
-        if cfg.num_levels != 1:
-            problems.append(f"num_levels={cfg.num_levels}: only one level is built in this version.")
+        if cfg.num_levels < 1:
+            problems.append(f"num_levels={cfg.num_levels} must be >= 1.")
+        problems += _check_pyramid(cfg)
         for key in ("dtype", "param_dtype", "attention_impl"):
             if cfg[key] not in _ENUMS[key]:
                 problems.append(f"{key}={cfg[key]!r}; choose one of {_ENUMS[key]}.")
@@ -282,8 +317,13 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
             problems.append(f"data.source={cfg.data.source!r} needs data.path (e.g. --config.data.path=corpus.txt).")
         if cfg.stage not in (1, 2):
             problems.append(f"stage={cfg.stage}; choose 1 (pyramid) or 2 (top transformer).")
-        if cfg.stage == 2:
-            problems.append("stage=2 (top transformer) is not built yet in this version; use stage=1.")
+        if cfg.stage == 2 and not cfg.init_from:
+            problems.append(
+                "stage=2 trains the top transformer on a frozen stage-1 pyramid and needs init_from: "
+                "--config.init_from=<stage-1 workdir, or its checkpoints/<step> directory>."
+            )
+        if cfg.stage == 2 and not cfg.use_top_code_lm:
+            problems.append("stage=2 trains only the top transformer: set use_top_code_lm=True.")
         for key in (
             "batch_size",
             "sequence_length",

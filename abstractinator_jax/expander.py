@@ -22,19 +22,22 @@ def shift_right(targets: jax.Array, start_id: int) -> jax.Array:
 
 
 class FactorizedCodes(nn.Module):
-    """Code tables of width d_c plus one up-projection d_c -> D shared with the head's down-projection."""
+    """Code tables of width d_c (one per stage) plus one up-projection d_c -> D shared with the head's
+    down-projection. At level 0 the module owns its single table (bytes); above, the lower level's RVQ stage
+    codebooks are passed in (`tables`), so nothing of size K**depth ever exists."""
 
-    num_codes: int
+    num_codes: int | None  # own table size (level 0); None when the tables come from the level below
     code_dim: int
     model_dim: int
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        self.table = self.param(
-            "code_table",
-            kernel_init("vocab", "code", init=nn.initializers.normal(0.02)),
-            (self.num_codes, self.code_dim),
-        )
+        if self.num_codes is not None:
+            self.table = self.param(
+                "code_table",
+                kernel_init("vocab", "code", init=nn.initializers.normal(0.02)),
+                (self.num_codes, self.code_dim),
+            )
         scale = self.code_dim**-0.5
         self.up = self.param(
             "up",
@@ -42,35 +45,62 @@ class FactorizedCodes(nn.Module):
             (self.code_dim, self.model_dim),
         )
 
-    def embed(self, ids):  # (B, S) -> (B, S, D)
-        return (self.table[ids] @ self.up).astype(self.dtype)
+    def tables(self, external):
+        return list(external) if external is not None else [self.table]
 
-    def logits(self, h, sqdist: bool):  # (B, S, D) -> (B, S, K)
+    def embed(self, digits, tables):  # (B, S, depth) -> (B, S, D): sum of the stage code vectors, projected up
+        z = sum(t[digits[..., s]] for s, t in enumerate(tables))
+        return (z @ self.up).astype(self.dtype)
+
+    def logits(self, h, tables, teacher_digits, sqdist: bool, residual: bool):
+        """Per-stage logits [(B, S, K)]. With `residual`, stage s+1 scores the residual left after subtracting the
+        teacher-forced stage-s code vectors (stop-gradient)."""
         z = (h.astype(jnp.float32) @ self.up.T).astype(jnp.float32)  # (B, S, d_c)
-        table = self.table.astype(jnp.float32)
-        dots = z @ table.T
-        if not sqdist:
-            return dots
-        return 2.0 * dots - jnp.sum(z * z, -1, keepdims=True) - jnp.sum(table * table, -1)[None, None]
+        out = []
+        for s, table in enumerate(tables):
+            table = table.astype(jnp.float32)
+            dots = z @ table.T
+            if sqdist:
+                dots = 2.0 * dots - jnp.sum(z * z, -1, keepdims=True) - jnp.sum(table * table, -1)[None, None]
+            out.append(dots)
+            if residual and s + 1 < len(tables):
+                z = z - jax.lax.stop_gradient(table[teacher_digits[..., s]])
+        return out
 
 
 class Expander(nn.Module):
-    """Reconstructs a level's input ids from its memory rows, teacher-forced; returns per-stage logits."""
+    """Reconstructs a level's input ids from its memory rows, teacher-forced; returns per-stage logits.
+
+    Level 0: ids are bytes, `vocab_size` entries in an own table, depth 1. Above: ids are the lower level's composed
+    codes (K**depth); they are decomposed into `depth` digits and embedded / predicted through the lower level's
+    stage codebooks, passed to `__call__` as `codebooks`.
+    """
 
     cfg: ConfigDict
-    vocab_size: int
+    vocab_size: int | None  # own table (level 0); None above level 0
     start_id: int
+    code_K: int  # digit base of the ids (vocab_size at level 0, the lower level's K above)
+    depth: int = 1
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
 
+    def digits(self, ids):  # (B, S) -> (B, S, depth)
+        if self.depth == 1:
+            return ids[..., None]
+        base = jnp.asarray([self.code_K**s for s in range(self.depth)], jnp.int32)
+        return (ids[..., None] // base) % self.code_K
+
     @nn.compact
-    def __call__(self, memory, row_valid, targets, target_pad, seg_id):
-        """memory: (B, R, D); row_valid: (B, R); targets, target_pad, seg_id: (B, S). Returns [(B, S, K)] per stage."""
+    def __call__(self, memory, row_valid, targets, target_pad, seg_id, codebooks=None):
+        """memory: (B, R, D); row_valid: (B, R); targets, target_pad, seg_id: (B, S); codebooks: [(K, d_c)] per stage
+        above level 0. Returns ([(B, S, K)] per stage, target digits (B, S, depth))."""
         cfg = self.cfg
         b, s = targets.shape
         chex.assert_shape([target_pad, seg_id], (b, s))
-        codes = FactorizedCodes(self.vocab_size, cfg.d_lo_d_c, cfg.D, dtype=self.dtype, name="codes")
-        x = codes.embed(shift_right(targets, self.start_id))
+        code_dim = cfg.d_lo_d_c if codebooks is None else codebooks[0].shape[-1]
+        codes = FactorizedCodes(self.vocab_size, code_dim, cfg.D, dtype=self.dtype, name="codes")
+        tables = codes.tables(codebooks)
+        x = codes.embed(self.digits(shift_right(targets, self.start_id)), tables)
         positions = jnp.arange(s)
         memory = memory.astype(self.dtype)
         for i in range(cfg.d_layers):
@@ -85,4 +115,6 @@ class Expander(nn.Module):
                 name=f"block_{i}",
             )(x, target_pad, positions, memory, row_valid, seg_id)
         h = rms_norm(dtype=self.dtype, name="final_norm")(x)
-        return [codes.logits(h, cfg.d_use_sqdist_logits)]
+        target_digits = self.digits(targets)
+        logits = codes.logits(h, tables, target_digits, cfg.d_use_sqdist_logits, cfg.d_residual_conditioning)
+        return logits, target_digits

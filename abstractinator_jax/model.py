@@ -1,5 +1,4 @@
-"""The model entry point: the pyramid of levels (ARCHITECTURE 4). One level today; levels k+1.. and the top
-transformer attach here."""
+"""The model entry point: the pyramid of levels (ARCHITECTURE 4) and the optional top transformer (5)."""
 
 from __future__ import annotations
 
@@ -8,8 +7,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from ml_collections import ConfigDict
 
-from .abstractinator import AbstractinatorLevel, LevelOutput
+from .abstractinator import AbstractinatorLevel
 from .compressor import CompressorOutput
+from .top import CodeSequenceTransformer
 
 
 def resolve_attention_impl(requested: str, dtype: str) -> str:
@@ -21,26 +21,88 @@ def resolve_attention_impl(requested: str, dtype: str) -> str:
 
 
 class AbstractinatorPyramid(nn.Module):
-    """ids (B, S) bytes -> total loss and metrics (`level{k}/<name>`)."""
+    """ids (B, S) bytes -> total loss and metrics (`level{k}/<name>`, `top/<name>`).
 
-    config: ConfigDict  # the full run config (levels, top_transformer_config, dtype, ...)
+    Level k+1 reads level k's quantized vectors with `~valid_mask` as its padding mask and reconstructs level k's
+    code ids through level k's codebooks. Stage 1 trains the levels (and the top transformer too when
+    `use_top_code_lm`); stage 2 runs the levels as fixed compressors and trains only the top transformer.
+    """
+
+    config: ConfigDict  # the full run config (levels, top_transformer_config, dtype, stage, ...)
 
     def setup(self):
         cfg = self.config
         impl = resolve_attention_impl(cfg.attention_impl, cfg.dtype)
         dtype = jnp.dtype(cfg.dtype)
-        self.levels = [
-            AbstractinatorLevel(lv, implementation=impl, dtype=dtype, name=f"level_{i}")
-            for i, lv in enumerate(cfg.levels)
-        ]
+        levels = []
+        for i, lv in enumerate(cfg.levels):
+            lo = cfg.levels[i - 1] if i else None
+            levels.append(
+                AbstractinatorLevel(
+                    lv,
+                    lo_K=lo.c_vq_K if lo else None,
+                    lo_depth=lo.c_vq_depth if lo else 1,
+                    lo_D=lo.D if lo else None,
+                    implementation=impl,
+                    dtype=dtype,
+                    name=f"level_{i}",
+                )
+            )
+        self.levels = levels
+        if cfg.use_top_code_lm:
+            self.top = CodeSequenceTransformer(cfg.top_transformer_config, impl, dtype, name="top")
 
     def __call__(self, ids, key_pad, train: bool = False) -> tuple[jax.Array, dict]:
         """`train=True` with mutable=['vq_state'] and an rng stream 'vq' updates quantizer state (EMA, resets)."""
-        out: LevelOutput = self.levels[0](ids, key_pad, train)
-        metrics = {f"level0/{k}": v for k, v in out.metrics.items()}
-        metrics["loss"] = out.loss
-        return out.loss, metrics
+        cfg = self.config
+        if cfg.stage == 2:
+            return self._stage2(ids, key_pad)
+        total = 0.0
+        metrics = {}
+        inputs, codebooks, cur_ids, cur_pad = None, None, ids, key_pad
+        for k, level in enumerate(self.levels):
+            out = level(cur_ids, cur_pad, train, inputs, codebooks)
+            total = total + out.loss
+            metrics.update({f"level{k}/{name}": v for name, v in out.metrics.items()})
+            comp = out.compressor
+            inputs, codebooks, cur_ids, cur_pad = comp.quantized, comp.codebooks, comp.codes, ~comp.valid_mask
+        if cfg.use_top_code_lm:
+            top_loss, top_metrics = self._top(comp)
+            total = total + cfg.top_lm_loss_weight * top_loss
+            metrics.update({f"top/{k}": v for k, v in top_metrics.items()})
+        metrics["loss"] = total
+        return total, metrics
+
+    def _top(self, comp: CompressorOutput):
+        top_cfg = self.config.top_transformer_config
+        if top_cfg.continuous:
+            loss, m = self.top(comp.quantized, comp.valid_mask)
+            return top_cfg.mse_weight * loss, m
+        loss, m = self.top(comp.quantized, comp.valid_mask, comp.codes, comp.codebooks, self.config.levels[-1].c_vq_K)
+        return top_cfg.ce_weight * loss, m
+
+    def _stage2(self, ids, key_pad):
+        """The frozen pyramid compresses (no gradient, no state update); the top transformer learns its rows."""
+        comps = jax.lax.stop_gradient(self.compress_all(ids, key_pad))
+        top = comps[-1]
+        top_loss, top_metrics = self._top(top)
+        loss = self.config.top_lm_loss_weight * top_loss
+        metrics = {f"top/{k}": v for k, v in top_metrics.items()}
+        real = jnp.sum(~key_pad).astype(jnp.float32)
+        metrics["level0/real_tokens"] = real
+        for k, comp in enumerate(comps):
+            n_seg = jnp.sum(comp.segments.num_segments).astype(jnp.float32)
+            n_in = real if k == 0 else jnp.sum(comps[k - 1].valid_mask).astype(jnp.float32)
+            metrics[f"level{k}/compression_ratio"] = n_in / jnp.maximum(n_seg, 1.0)
+        metrics["loss"] = loss
+        return loss, metrics
 
     def compress_all(self, ids, key_pad) -> list[CompressorOutput]:
-        """Per-level compressor outputs (one level today); never updates state."""
-        return [self.levels[0].compress(ids, key_pad, False)]
+        """Per-level compressor outputs, bottom to top; never updates state."""
+        outs = []
+        inputs, cur_ids, cur_pad = None, ids, key_pad
+        for level in self.levels:
+            comp = level.compress(cur_ids, cur_pad, False, inputs)
+            outs.append(comp)
+            inputs, cur_ids, cur_pad = comp.quantized, comp.codes, ~comp.valid_mask
+        return outs

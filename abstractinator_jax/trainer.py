@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 
 from . import data as data_lib
 from . import tokenizer
-from .checkpointing import CheckpointError, CheckpointManager
+from .checkpointing import CheckpointError, CheckpointManager, resolve_init_from
 from .config import PAD_ID, ConfigError, to_dict, validate_config
 from .model import AbstractinatorPyramid
 from .sharding import LOGICAL_AXIS_RULES, batch_divisor, batch_sharding, make_mesh, replicated
@@ -28,6 +28,7 @@ from .summaries import SummaryWriter
 from .training import (
     TrainState,
     abstract_train_state,
+    all_params,
     count_params,
     create_train_state,
     make_eval_step,
@@ -38,7 +39,7 @@ from .training import (
 log = logging.getLogger("abstractinator_jax")
 
 # Config keys that define the model's parameters: a checkpoint must agree on these to be resumed.
-MODEL_KEYS = ("num_levels", "levels", "use_top_code_lm", "top_transformer_config")
+MODEL_KEYS = ("stage", "num_levels", "levels", "use_top_code_lm", "top_transformer_config")
 
 
 def resolve_data_config(data_cfg: ConfigDict) -> ConfigDict:
@@ -59,7 +60,7 @@ def resolve_data_config(data_cfg: ConfigDict) -> ConfigDict:
     return d
 
 
-def model_config_differences(saved: dict, current: dict) -> list[str]:
+def model_config_differences(saved: dict, current: dict, keys=None) -> list[str]:
     """Human-readable differences between the model sections of two config dicts."""
     out = []
 
@@ -73,7 +74,7 @@ def model_config_differences(saved: dict, current: dict) -> list[str]:
         elif a != b:
             out.append(f"{path}: checkpoint {a!r} vs config {b!r}")
 
-    for key in MODEL_KEYS:
+    for key in keys or MODEL_KEYS:
         walk(saved.get(key, "<missing>"), current.get(key, "<missing>"), key)
     return out
 
@@ -102,6 +103,25 @@ def build(cfg: ConfigDict) -> Run:
     optimizer = make_optimizer(cfg)
     abstract, shardings = abstract_train_state(cfg, model, mesh, optimizer)
     return Run(mesh, model, optimizer, abstract, shardings)
+
+
+def load_stage1(cfg: ConfigDict, run: Run, state: TrainState) -> TrainState:
+    """Stage 2's start: the pyramid's parameters and quantizer state from `cfg.init_from` (a stage-1 workdir, its
+    checkpoints directory, or one checkpoint step directory), checked against this config's levels."""
+    workdir, step = resolve_init_from(cfg.init_from)
+    with CheckpointManager(workdir) as src:
+        saved = src.restore_config(step) or {}
+        diffs = model_config_differences(saved, to_dict(cfg), keys=("num_levels", "levels"))
+        if diffs:
+            raise CheckpointError(
+                f"init_from={cfg.init_from!r} (step {step}) holds a pyramid that differs from this config:\n  - "
+                + "\n  - ".join(diffs)
+                + "\nStage 2 must use the stage-1 run's level settings."
+            )
+        template = {"params": run.abstract_state.frozen_params, "model_state": run.abstract_state.model_state}
+        restored, _ = src.restore(step, abstract_state=template, partial=True)
+    log.info("Stage 2: loaded the frozen pyramid from %s (step %d)", workdir, step)
+    return state.replace(frozen_params=restored["params"], model_state=restored["model_state"])
 
 
 def check_checkpoint_config(ckpt: CheckpointManager, step: int, cfg: ConfigDict, where) -> None:
@@ -140,6 +160,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
 
     `stop_at_step` ends the run early at that step with a checkpoint, as a preemption would (a later call resumes).
     """
+    validate_config(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data_cfg = resolve_data_config(cfg.data)
@@ -169,17 +190,19 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
     latest = ckpt.latest_step()
     if latest is None:
         state, _ = create_train_state(cfg, model, mesh, optimizer)
+        if cfg.stage == 2:
+            state = load_stage1(cfg, run, state)
     else:
         check_checkpoint_config(ckpt, latest, cfg, workdir)
         state = ckpt.restore(latest, abstract_state=run.abstract_state, data_iterator=train_it)[0]
         log.info("Resumed from %s at step %d", ckpt.directory, int(state.step))
     start_step = int(state.step)
-    n_params = count_params(state.params)
+    n_params = count_params(all_params(state))
 
     writer = SummaryWriter(workdir / "tensorboard")
     if start_step == 0:
         writer.text(0, "config", json.dumps(to_dict(cfg), indent=2, default=str))
-        writer.scalars(0, {"model/parameters": n_params})
+        writer.scalars(0, {"model/parameters": n_params, "model/trainable_parameters": count_params(state.params)})
 
     sample_ids = first_real_row(eval_batches)
     segment_fn = jax.jit(lambda p, ms, ids, pad: segment_outputs(model, p, ms, ids, pad))
@@ -211,17 +234,19 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
                     scalars["throughput/bytes_per_s"] = scalars.pop("real_bytes_total") / dt
                     scalars["throughput/steps_per_s"] = steps_done / dt
                     scalars.pop("real_bytes")
-                    scalars.pop("level0/real_tokens", None)
+                    scalars = {k: v for k, v in scalars.items() if not k.endswith("/real_tokens")}
                     writer.scalars(step, _train_tags(scalars))
                     last_logged = scalars
                     if progress is not None:
-                        progress.set_postfix(
-                            loss=f"{scalars['loss']:.3f}",
-                            recon=f"{scalars['level0/code_ce']:.3f}",
-                            acc=f"{scalars['level0/recon_accuracy']:.3f}",
-                            ratio=f"{scalars['level0/compression_ratio']:.2f}",
-                            Bps=f"{scalars['throughput/bytes_per_s']:.0f}",
-                        )
+                        shown = {
+                            "loss": "loss",
+                            "recon": "level0/code_ce",
+                            "acc": "level0/recon_accuracy",
+                            "top": "top/top_mse" if "top/top_mse" in scalars else "top/top_ce",
+                            "ratio": "level0/compression_ratio",
+                            "Bps": "throughput/bytes_per_s",
+                        }
+                        progress.set_postfix({k: f"{scalars[t]:.4g}" for k, t in shown.items() if t in scalars})
                     else:
                         log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
                     if not np.isfinite(scalars["loss"]):
@@ -269,14 +294,14 @@ def evaluate(eval_step, state, eval_batches, mesh) -> dict:
     for b in eval_batches:
         ids = jax.make_array_from_process_local_data(sh, b["ids"])
         pad = jax.make_array_from_process_local_data(sh, b["mask"])
-        m = jax.device_get(eval_step(state.params, state.model_state, ids, pad))
+        m = jax.device_get(eval_step(all_params(state), state.model_state, ids, pad))
         w = float(m["level0/real_tokens"])
         if w == 0:
             continue
         weight_total += w
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v) * w
-    return {k: v / weight_total for k, v in sums.items() if k != "level0/real_tokens"} if weight_total else {}
+    return {k: v / weight_total for k, v in sums.items() if not k.endswith("/real_tokens")} if weight_total else {}
 
 
 def first_real_row(eval_batches):
@@ -298,7 +323,7 @@ def segmented_sample(segment_fn, state, ids, mesh) -> str:
     pad = ids == PAD_ID
     rep = replicated(mesh)
     ends, codes, valid = jax.device_get(
-        segment_fn(state.params, state.model_state, jax.device_put(ids, rep), jax.device_put(pad, rep))
+        segment_fn(all_params(state), state.model_state, jax.device_put(ids, rep), jax.device_put(pad, rep))
     )
     text = tokenizer.render_segments(ids[0], np.asarray(ends)[0])
     row_codes = np.asarray(codes)[0][np.asarray(valid)[0]]

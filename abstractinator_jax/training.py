@@ -23,6 +23,18 @@ class TrainState:
     opt_state: optax.OptState
     model_state: dict  # non-parameter variable collections (e.g. the quantizer's EMA state); empty without one
     rng: jax.Array  # (2,) uint32 raw PRNG key data (checkpoint-friendly)
+    frozen_params: dict  # parameters that are used but not trained (stage 2: the pyramid); {} in stage 1
+
+
+def split_trainable(cfg: ConfigDict, params: dict) -> tuple[dict, dict]:
+    """(trainable, frozen) parameter subtrees: stage 1 trains everything; stage 2 only the top transformer."""
+    if cfg.stage == 2:
+        return {"top": params["top"]}, {k: v for k, v in params.items() if k != "top"}
+    return dict(params), {}
+
+
+def all_params(state: TrainState) -> dict:
+    return {**state.frozen_params, **state.params}
 
 
 def learning_rate_schedule(cfg: ConfigDict) -> optax.Schedule:
@@ -66,13 +78,14 @@ def _boxed_init_fn(cfg: ConfigDict, model: nn.Module, optimizer: optax.GradientT
 
     def init_boxed(rng):
         variables = model.init(rng, ids, pad)
-        params = variables.pop("params")  # boxed: leaves carry logical axis names
+        params, frozen = split_trainable(cfg, variables.pop("params"))  # boxed: leaves carry logical axis names
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=optimizer.init(params),  # moments inherit the parameters' logical names
             model_state=dict(variables),
             rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+            frozen_params=frozen,
         )
 
     return init_boxed
@@ -99,9 +112,10 @@ def create_train_state(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer:
     return state, shardings
 
 
-def _loss_fn(model, params, model_state, ids, pad, rng=None, train: bool = False):
-    """(loss, (metrics, new_model_state)). With train=True the model's mutable state collections are updated."""
-    variables = {"params": params, **model_state}
+def _loss_fn(model, params, model_state, ids, pad, rng=None, train: bool = False, frozen=None):
+    """(loss, (metrics, new_model_state)). With train=True the model's mutable state collections are updated.
+    `frozen` parameters take part in the forward pass but get no gradient."""
+    variables = {"params": {**(frozen or {}), **params}, **model_state}
     if train and model_state:
         (loss, metrics), new_state = model.apply(
             variables, ids, pad, train=True, rngs={"vq": rng}, mutable=list(model_state)
@@ -120,7 +134,11 @@ def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, sh
 
     def step(state: TrainState, batch):
         with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model, train=True), has_aux=True)
+            # stage 2 keeps the pyramid fixed: no gradient, and no EMA / reset updates of its quantizers
+            update_state = cfg.stage == 1
+            grad_fn = jax.value_and_grad(
+                functools.partial(_loss_fn, model, train=update_state, frozen=state.frozen_params), has_aux=True
+            )
             step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
             n = batch["ids"].shape[0]
 
@@ -136,7 +154,9 @@ def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, sh
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
             first = jax.tree.map(lambda x: x[0], batch)
             metrics_shape = jax.eval_shape(
-                lambda: _loss_fn(model, state.params, state.model_state, first["ids"], first["mask"])[1][0]
+                lambda: _loss_fn(
+                    model, state.params, state.model_state, first["ids"], first["mask"], frozen=state.frozen_params
+                )[1][0]
             )
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
             (grads, metrics, model_state), _ = jax.lax.scan(
@@ -161,7 +181,8 @@ def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, sh
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, shardings: TrainState) -> Callable:
-    """jit(params, model_state, ids (B, S), mask (B, S)) -> metrics (no update of any state)."""
+    """jit(params, model_state, ids (B, S), mask (B, S)) -> metrics (no update of any state). `params` are all the
+    model's parameters (`all_params(state)`)."""
 
     def step(params, model_state, ids, pad):
         with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
@@ -170,7 +191,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh, shardings: TrainState) -> Calla
     b2 = batch_sharding(mesh, 2, 0)
     return jax.jit(
         step,
-        in_shardings=(shardings.params, shardings.model_state, b2, b2),
+        in_shardings=({**shardings.frozen_params, **shardings.params}, shardings.model_state, b2, b2),
         out_shardings=replicated(mesh),
     )
 

@@ -1,0 +1,98 @@
+"""The top transformer ("CodeSequenceTransformer", ARCHITECTURE 5): a causal model of the top level's rows."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from ml_collections import ConfigDict
+
+from .blocks import TransformerBlock
+from .layers import dense, rms_norm
+
+
+def next_row_pairs(valid: jax.Array) -> jax.Array:
+    """(B, Q) -> (B, Q-1): True where row t and its successor t+1 are both valid (a next-row target exists)."""
+    return valid[:, :-1] & valid[:, 1:]
+
+
+def continuous_loss(pred: jax.Array, rows: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean squared error of pred[t] against rows[t+1] over valid pairs and dimensions. pred, rows: (B, Q, E)."""
+    pairs = next_row_pairs(valid).astype(jnp.float32)  # (B, Q-1)
+    err = jnp.mean((pred[:, :-1].astype(jnp.float32) - rows[:, 1:].astype(jnp.float32)) ** 2, axis=-1)
+    return jnp.sum(err * pairs) / jnp.maximum(jnp.sum(pairs), 1.0)
+
+
+def factorized_code_logits(z: jax.Array, codebooks, teacher_digits: jax.Array) -> list[jax.Array]:
+    """Per-stage logits of a code-space vector z (B, T, d_c) against stage codebooks [(K, d_c)], residually
+    conditioned on the teacher digits (B, T, depth) with stop-gradient."""
+    out = []
+    for s, table in enumerate(codebooks):
+        table = table.astype(jnp.float32)
+        out.append(z @ table.T)
+        if s + 1 < len(codebooks):
+            z = z - jax.lax.stop_gradient(table[teacher_digits[..., s]])
+    return out
+
+
+def discrete_loss(logits, next_digits: jax.Array, valid: jax.Array) -> jax.Array:
+    """Sum over stages of the mean cross-entropy of logits[s][:, t] against the digits of row t+1 over valid pairs.
+    logits: [(B, Q, K)] computed at every row t; next_digits: (B, Q, depth) digits of each row's code."""
+    pairs = next_row_pairs(valid).astype(jnp.float32)
+    total = 0.0
+    for s, lg in enumerate(logits):
+        logp = jax.nn.log_softmax(lg[:, :-1].astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, next_digits[:, 1:, s][..., None], axis=-1)[..., 0]
+        total = total + jnp.sum(nll * pairs) / jnp.maximum(jnp.sum(pairs), 1.0)
+    return total
+
+
+class CodeSequenceTransformer(nn.Module):
+    """Causal transformer over the top level's rows (invalid rows are keys no one sees and carry no loss).
+
+    continuous: predicts row t+1's vector from rows <= t (MSE). discrete: predicts row t+1's code digits with a
+    factorized head over the top quantizer's stage codebooks (cross-entropy, residual conditioning).
+    """
+
+    cfg: ConfigDict  # top_transformer_config
+    implementation: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, rows, valid, codes=None, codebooks=None, code_K: int = 0):
+        """rows: (B, Q, E) top-level vectors; valid: (B, Q); codes: (B, Q) composed ids (discrete)."""
+        cfg = self.cfg
+        b, q, e = rows.shape
+        chex.assert_shape(valid, (b, q))
+        h = dense(cfg.dim, ("embed_out", "embed"), dtype=self.dtype, name="in_proj")(rows.astype(self.dtype))
+        positions = jnp.arange(q)
+        for i in range(cfg.num_layers):
+            h = TransformerBlock(
+                num_heads=cfg.num_heads,
+                window=0,
+                ffn_mult=cfg.ffn_dim_multiplier,
+                implementation=self.implementation,
+                dtype=self.dtype,
+                name=f"block_{i}",
+            )(h, ~valid, positions)
+        h = rms_norm(dtype=self.dtype, name="final_norm")(h)
+        out = dense(e, ("embed", "embed_out"), dtype=self.dtype, name="out_proj")(h).astype(jnp.float32)
+        target = jax.lax.stop_gradient(rows)
+        if cfg.continuous:
+            loss = continuous_loss(out, target, valid)
+            return loss, {"top_mse": loss}
+        depth = len(codebooks)
+        base = jnp.asarray([code_K**s for s in range(depth)], jnp.int32)
+        digits = (codes[..., None] // base) % code_K  # (B, Q, depth)
+        z = dense(codebooks[0].shape[-1], ("embed_out", "code"), dtype=self.dtype, name="code_proj")(out)
+        # stage s+1 at row t is conditioned on the teacher digits of row t+1 (the target), shifted to align with t
+        teacher = jnp.concatenate([digits[:, 1:], digits[:, -1:]], axis=1)
+        logits = factorized_code_logits(z.astype(jnp.float32), [jax.lax.stop_gradient(c) for c in codebooks], teacher)
+        loss = discrete_loss(logits, digits, valid)
+        pairs = next_row_pairs(valid)
+        match = jnp.ones(pairs.shape, bool)
+        for s, lg in enumerate(logits):
+            match &= jnp.argmax(lg[:, :-1], axis=-1) == digits[:, 1:, s]
+        acc = jnp.sum(match & pairs) / jnp.maximum(jnp.sum(pairs), 1)
+        return loss, {"top_ce": loss, "top_accuracy": acc.astype(jnp.float32)}

@@ -1,0 +1,40 @@
+"""A two-level pyramid: level 0 compresses bytes into codes (configs/tiny_vq.py's level), level 1 compresses those
+code rows again and reconstructs them through level 0's codebooks. Stage 1 (no top transformer).
+
+    python train.py --config configs/two_level_tiny.py --config.data.path=../shared/data/tinystories_train.txt
+"""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+
+def _tiny_vq():
+    spec = importlib.util.spec_from_file_location("tiny_vq", Path(__file__).with_name("tiny_vq.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _tiny_vq()
+    c.run_name = "two_level_tiny"
+    lv1 = copy.deepcopy(c.levels[0])
+    lv1.vocab_size = c.levels[0].c_vq_K ** c.levels[0].c_vq_depth  # informational: level 0's composed codes
+    lv1.D = 128
+    lv1.c_heads = 4
+    lv1.c_window = 32
+    lv1.c_num_lm_encoder_layers = 2
+    lv1.c_num_compression_encoder_layers = 1
+    lv1.c_output_length = 128  # level 0 has 512 rows
+    lv1.c_entropy_model = "gaussian"
+    lv1.c_vq_K = 256
+    lv1.c_vq_depth = 2  # composed ids up to 256**2, embedded and predicted per stage (never a 65536-row table)
+    lv1.c_vq_d_c = 32
+    lv1.d_layers = 2
+    lv1.d_heads = 4
+    lv1.d_window = 64
+    c.levels = [c.levels[0], lv1]
+    c.num_levels = 2
+    c.top_transformer_config.embed_dim = lv1.D
+    return c
