@@ -56,7 +56,19 @@ class AbstractinatorPyramid(nn.Module):
         """`train=True` with mutable=['vq_state'] and an rng stream 'vq' updates quantizer state (EMA, resets)."""
         cfg = self.config
         if cfg.stage == 2:
+            if self.is_initializing():  # create every level parameter (expanders too): stage 1's exact tree
+                self._levels(ids, key_pad, False)
             return self._stage2(ids, key_pad)
+        total, metrics, comp = self._levels(ids, key_pad, train)
+        if cfg.use_top_code_lm:
+            top_loss, top_metrics = self._top(comp)
+            total = total + cfg.top_lm_loss_weight * top_loss
+            metrics.update({f"top/{k}": v for k, v in top_metrics.items()})
+        metrics["loss"] = total
+        return total, metrics
+
+    def _levels(self, ids, key_pad, train):
+        """All levels' losses (summed), metrics, and the top level's compressor output."""
         total = 0.0
         metrics = {}
         inputs, codebooks, cur_ids, cur_pad = None, None, ids, key_pad
@@ -66,12 +78,7 @@ class AbstractinatorPyramid(nn.Module):
             metrics.update({f"level{k}/{name}": v for name, v in out.metrics.items()})
             comp = out.compressor
             inputs, codebooks, cur_ids, cur_pad = comp.quantized, comp.codebooks, comp.codes, ~comp.valid_mask
-        if cfg.use_top_code_lm:
-            top_loss, top_metrics = self._top(comp)
-            total = total + cfg.top_lm_loss_weight * top_loss
-            metrics.update({f"top/{k}": v for k, v in top_metrics.items()})
-        metrics["loss"] = total
-        return total, metrics
+        return total, metrics, comp
 
     def _top(self, comp: CompressorOutput):
         top_cfg = self.config.top_transformer_config

@@ -105,19 +105,25 @@ def build(cfg: ConfigDict) -> Run:
     return Run(mesh, model, optimizer, abstract, shardings)
 
 
-def load_stage1(cfg: ConfigDict, run: Run, state: TrainState) -> TrainState:
-    """Stage 2's start: the pyramid's parameters and quantizer state from `cfg.init_from` (a stage-1 workdir, its
-    checkpoints directory, or one checkpoint step directory), checked against this config's levels."""
+def check_init_from(cfg: ConfigDict) -> tuple[str, int]:
+    """Stage 2's `init_from` resolved to (workdir, step), after checking that its levels are this config's."""
     workdir, step = resolve_init_from(cfg.init_from)
     with CheckpointManager(workdir) as src:
         saved = src.restore_config(step) or {}
-        diffs = model_config_differences(saved, to_dict(cfg), keys=("num_levels", "levels"))
-        if diffs:
-            raise CheckpointError(
-                f"init_from={cfg.init_from!r} (step {step}) holds a pyramid that differs from this config:\n  - "
-                + "\n  - ".join(diffs)
-                + "\nStage 2 must use the stage-1 run's level settings."
-            )
+    diffs = model_config_differences(saved, to_dict(cfg), keys=("num_levels", "levels"))
+    if diffs:
+        raise CheckpointError(
+            f"init_from={cfg.init_from!r} (step {step}) holds a pyramid that differs from this config:\n  - "
+            + "\n  - ".join(diffs)
+            + "\nStage 2 must use the stage-1 run's level settings."
+        )
+    return workdir, step
+
+
+def load_stage1(init_from: tuple[str, int], run: Run, state: TrainState) -> TrainState:
+    """Stage 2's start: the pyramid's parameters and quantizer state from the stage-1 checkpoint `init_from`."""
+    workdir, step = init_from
+    with CheckpointManager(workdir) as src:
         template = {"params": run.abstract_state.frozen_params, "model_state": run.abstract_state.model_state}
         restored, _ = src.restore(step, abstract_state=template, partial=True)
     log.info("Stage 2: loaded the frozen pyramid from %s (step %d)", workdir, step)
@@ -189,9 +195,10 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
     ckpt = CheckpointManager(workdir, max_to_keep=cfg.max_checkpoints_to_keep)
     latest = ckpt.latest_step()
     if latest is None:
+        init_from = check_init_from(cfg) if cfg.stage == 2 else None  # before any compile: fail fast
         state, _ = create_train_state(cfg, model, mesh, optimizer)
-        if cfg.stage == 2:
-            state = load_stage1(cfg, run, state)
+        if init_from is not None:
+            state = load_stage1(init_from, run, state)
     else:
         check_checkpoint_config(ckpt, latest, cfg, workdir)
         state = ckpt.restore(latest, abstract_state=run.abstract_state, data_iterator=train_it)[0]
