@@ -570,3 +570,41 @@ def test_stage2_run_loads_the_pyramid_and_resumes_stage2(probe, fresh_stage2, st
     stage1_cfg.data.path = str(corpus)
     with pytest.raises(CheckpointError, match="stage: checkpoint 2 vs config 1"):
         train(stage1_cfg, workdir)
+
+
+def test_three_level_pyramid_trains_end_to_end():
+    """Three stacked levels (depth-2 codes at the bottom, widths 32 -> 48 -> 32) and a discrete top: every level
+    reports its metrics, shapes shrink level by level, and every gradient is finite."""
+    import copy
+
+    cfg = tiny_config()
+    lv0 = cfg.levels[0]
+    lv0.c_vq_K, lv0.c_vq_d_c, lv0.c_vq_depth = 32, 8, 2
+    lv1 = copy.deepcopy(lv0)
+    lv1.D, lv1.c_heads, lv1.d_heads, lv1.c_window, lv1.d_window = 48, 2, 2, 8, 8
+    lv1.c_output_length, lv1.c_vq_depth = 16, 1
+    lv2 = copy.deepcopy(lv1)
+    lv2.D, lv2.c_output_length, lv2.c_vq_K = 32, 8, 16
+    cfg.levels, cfg.num_levels, cfg.use_top_code_lm = [lv0, lv1, lv2], 3, True
+    top = cfg.top_transformer_config
+    top.embed_dim, top.dim, top.num_layers, top.num_heads, top.continuous = 32, 32, 1, 2, False
+    validate_config(cfg)
+    batch = sentence_batch()
+    ids, pad = jnp.asarray(batch["ids"][0]), jnp.asarray(batch["mask"][0])
+    model = AbstractinatorPyramid(cfg)
+    variables = jax.jit(model.init)(jax.random.key(0), ids, pad)
+
+    def loss_fn(params):
+        return model.apply({**variables, "params": params}, ids, pad)
+
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    assert np.isfinite(float(loss))
+    for k in range(3):
+        assert np.isfinite(float(metrics[f"level{k}/code_ce"]))
+    assert np.isfinite(float(metrics["top/top_ce"]))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    comps = jax.jit(lambda v: model.apply(v, ids, pad, method=model.compress_all))(variables)
+    assert [c.quantized.shape for c in comps] == [(4, 32, 32), (4, 16, 48), (4, 8, 32)]
+    # each level's valid rows never exceed the level below's
+    for lo, hi in zip(comps, comps[1:]):
+        assert bool(jnp.all(hi.valid_mask.sum(1) <= lo.valid_mask.sum(1)))
