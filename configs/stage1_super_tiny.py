@@ -1,4 +1,4 @@
-"""Stage 1 of the two-stage recipe (the reference's experiments/stage1_super_tiny.py sizes): one level with a
+r"""Stage 1 of the two-stage recipe (the reference's experiments/stage1_super_tiny.py sizes): one level with a
 quantizer, trained without the top transformer.
 
     python train.py --config configs/stage1_super_tiny.py --workdir runs/stage1

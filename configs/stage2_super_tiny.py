@@ -1,23 +1,17 @@
-"""Stage 2 of the two-stage recipe: the stage-1 pyramid, frozen, and the top transformer trained over its code rows
+r"""Stage 2 of the two-stage recipe: the stage-1 pyramid, frozen, and the top transformer trained over its code rows
 (the reference's experiments/stage2_super_tiny.py top transformer).
 
     python train.py --config configs/stage2_super_tiny.py --config.stage=2 --config.init_from=runs/stage1 \
         --workdir runs/stage2
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _stage1():
-    spec = importlib.util.spec_from_file_location("stage1_super_tiny", Path(__file__).with_name("stage1_super_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from abstractinator_jax.cli import load_config_file
 
 
 def get_config():
-    c = _stage1().get_config()
+    c = load_config_file(Path(__file__).with_name("stage1_super_tiny.py"))
     c.run_name = "stage2_super_tiny"
     c.stage = 2
     c.init_from = ""  # a stage-1 workdir (its latest checkpoint) or <workdir>/checkpoints/<step>

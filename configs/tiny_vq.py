@@ -1,22 +1,16 @@
-"""configs/tiny.py with the reference's quantizer: one level, K=1024 codes, depth 1, d_c 64 (ARCHITECTURE 3.6).
+r"""configs/tiny.py with the reference's quantizer: one level, K=1024 codes, depth 1, d_c 64 (ARCHITECTURE 3.6).
 
     python train.py --config configs/tiny_vq.py --config.data.path=../shared/data/tinystories_train.txt \
         --config.max_steps=500
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _tiny():
-    spec = importlib.util.spec_from_file_location("tiny", Path(__file__).with_name("tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from abstractinator_jax.cli import load_config_file
 
 
 def get_config():
-    c = _tiny()
+    c = load_config_file(Path(__file__).with_name("tiny.py"))
     c.run_name = "tiny_vq"
     lv = c.levels[0]
     lv.c_vq_K = 1024

@@ -5,19 +5,13 @@ code rows again and reconstructs them through level 0's codebooks. Stage 1 (no t
 """
 
 import copy
-import importlib.util
 from pathlib import Path
 
-
-def _tiny_vq():
-    spec = importlib.util.spec_from_file_location("tiny_vq", Path(__file__).with_name("tiny_vq.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from abstractinator_jax.cli import load_config_file
 
 
 def get_config():
-    c = _tiny_vq()
+    c = load_config_file(Path(__file__).with_name("tiny_vq.py"))
     c.run_name = "two_level_tiny"
     lv1 = copy.deepcopy(c.levels[0])
     lv1.vocab_size = c.levels[0].c_vq_K ** c.levels[0].c_vq_depth  # informational: level 0's composed codes
