@@ -13,6 +13,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from abstractinator_jax.checkpointing import CheckpointError
@@ -28,12 +29,17 @@ def main(argv):
     del argv
     import jax
 
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every checkpoint step at INFO; keep the console for the progress bar and our own lines.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
     if _MULTIHOST.value:
         jax.distributed.initialize()
     from abstractinator_jax.trainer import train
 
     cfg = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{cfg.run_name}"
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("abstractinator_jax").setLevel(logging.INFO)
     try:
         result = train(cfg, workdir)
