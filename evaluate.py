@@ -26,7 +26,6 @@ from flax import linen as nn
 from ml_collections import ConfigDict, config_flags
 from ml_collections.config_flags import config_path
 
-from abstractinator_jax import data as data_lib
 from abstractinator_jax import trainer
 from abstractinator_jax.checkpointing import CheckpointError, CheckpointManager
 from abstractinator_jax.cli import fail
@@ -115,14 +114,7 @@ def evaluate_run(
         data_cfg = trainer.resolve_data_config(cfg.data)
         # Data first: a bad path fails before the model is built.
         try:
-            eval_batches = data_lib.make_eval_batches(
-                data_cfg,
-                cfg.sequence_length,
-                cfg.batch_size,
-                cfg.eval_batches,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
+            eval_batches = trainer.make_eval_batches(cfg, data_cfg)
         except ConfigError as e:
             raise ConfigError(f"--data_path={data_path!r}: {e}" if data_path else str(e)) from e
 

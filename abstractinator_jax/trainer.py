@@ -161,6 +161,18 @@ class _MetricAccumulator:
         return out
 
 
+def make_eval_batches(cfg: ConfigDict, data_cfg: ConfigDict) -> list[dict]:
+    """This process's share of the fixed held-out batches (`cfg.eval_batches` of them, `cfg.batch_size` rows)."""
+    return data_lib.make_eval_batches(
+        data_cfg,
+        cfg.sequence_length,
+        cfg.batch_size,
+        cfg.eval_batches,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
 def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None = None) -> dict:
     """Train (or resume) a run in `workdir`. Returns the last logged metrics and eval metrics.
 
@@ -183,14 +195,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
         cfg.gradient_accumulation_steps,
         seed=cfg.data.shuffle_seed,
     )
-    eval_batches = data_lib.make_eval_batches(
-        data_cfg,
-        cfg.sequence_length,
-        cfg.batch_size,
-        cfg.eval_batches,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    eval_batches = make_eval_batches(cfg, data_cfg)
 
     ckpt = CheckpointManager(workdir, max_to_keep=cfg.max_checkpoints_to_keep)
     latest = ckpt.latest_step()
