@@ -14,24 +14,16 @@ training's eval/* scalars over the eval batches; the JSON object is the last lin
 from __future__ import annotations
 
 import json
-import math
 import sys
-from pathlib import Path
 
-import jax
-import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from flax import linen as nn
-from ml_collections import ConfigDict, config_flags
-from ml_collections.config_flags import config_path
+from ml_collections import config_flags
 
-from abstractinator_jax import trainer
-from abstractinator_jax.checkpointing import CheckpointError, CheckpointManager
+from abstractinator_jax.checkpointing import CheckpointError
 from abstractinator_jax.cli import fail
-from abstractinator_jax.config import PAD_ID, ConfigError, base_config, from_dict, unknown_overrides, validate_config
-from abstractinator_jax.sharding import LOGICAL_AXIS_RULES
-from abstractinator_jax.training import make_eval_step
+from abstractinator_jax.config import ConfigError, base_config, unknown_overrides
+from abstractinator_jax.evaluation import evaluate_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate. Default: the latest.")
@@ -47,102 +39,6 @@ _MAX_BATCHES = flags.DEFINE_integer(
 _SHOW_SEGMENTS = flags.DEFINE_integer(
     "show_segments", 0, "Print this many held-out rows cut into their segments ('|'), before the JSON line."
 )
-
-
-def run_config(saved: dict, data_path: str | None, max_batches: int | None, overrides: dict) -> ConfigDict:
-    """The saved config of a run with this evaluation's changes applied, validated."""
-    try:
-        cfg = from_dict(saved)
-    except (TypeError, KeyError, AttributeError, ValueError) as e:
-        raise ConfigError(
-            f"the checkpoint's config does not fit this version's schema ({type(e).__name__}: {e})."
-        ) from e
-    if data_path:
-        cfg.data.source = "auto"
-        cfg.data.path = data_path
-        cfg.data.eval_path = data_path
-    if max_batches is not None:
-        cfg.eval_batches = max_batches
-    for path, value in overrides.items():
-        config_path.set_value(path, cfg, value)
-    return validate_config(cfg)
-
-
-def describe_eval_data(d: ConfigDict) -> str:
-    """Where the eval documents come from, in one line (for the JSON output)."""
-    held_out = f"held-out {d.eval_fraction:g} of"
-    if d.source == "hf":
-        return f"hf {d.dataset_name} " + (f"split {d.eval_split}" if d.eval_split else f"{held_out} {d.train_split}")
-    if d.source == "offline":
-        return f"offline, {held_out} the corpus"
-    return f"{d.source} {d.eval_path}" if d.eval_path else f"{d.source}, {held_out} {d.path}"
-
-
-def segmented_rows(model, state, eval_batches, mesh, n: int) -> list[str]:
-    """The first `n` held-out rows that hold real bytes, cut into their segments with '|'."""
-    segment_fn = jax.jit(lambda p, ms, ids, pad: trainer.segment_outputs(model, p, ms, ids, pad))
-    out = []
-    for b in eval_batches:
-        for row in b["ids"]:
-            if len(out) == n:
-                return out
-            if np.any(row != PAD_ID):
-                out.append(trainer.segmented_sample(segment_fn, state, np.asarray(row)[None], mesh))
-    return out
-
-
-def evaluate_run(
-    workdir: str,
-    step: int | None = None,
-    data_path: str | None = None,
-    max_batches: int | None = None,
-    overrides: dict | None = None,
-    show_segments: int = 0,
-) -> tuple[dict, list[str]]:
-    """Restore `workdir`'s checkpoint and evaluate it. Returns (metrics, segmented sample rows)."""
-    if not Path(workdir).is_dir():
-        raise CheckpointError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run.")
-    with CheckpointManager(workdir, max_to_keep=None) as ckpt:
-        if step is None:
-            step = ckpt.latest_step()
-            if step is None:
-                raise CheckpointError(f"no checkpoint under {ckpt.directory}; pass the --workdir of a train.py run.")
-        saved = ckpt.restore_config(step)
-        if saved is None:
-            raise CheckpointError(f"checkpoint step {step} under {ckpt.directory} was saved without its config.")
-        cfg = run_config(saved, data_path, max_batches, overrides or {})
-        data_cfg = trainer.resolve_data_config(cfg.data)
-        # Data first: a bad path fails before the model is built.
-        try:
-            eval_batches = trainer.make_eval_batches(cfg, data_cfg)
-        except ConfigError as e:
-            raise ConfigError(f"--data_path={data_path!r}: {e}" if data_path else str(e)) from e
-
-        # The model, mesh and state template as trainer.train builds them, then the checkpoint's values.
-        run = trainer.build(cfg)
-        mesh, model, shardings = run.mesh, run.model, run.shardings
-        state, _ = ckpt.restore(step, abstract_state=run.abstract_state)
-    eval_step = make_eval_step(model, mesh, shardings)
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        metrics = trainer.evaluate(eval_step, state, eval_batches, mesh)
-        if not metrics:
-            raise ConfigError("the eval data holds no bytes; check --data_path / the run's data settings.")
-        samples = segmented_rows(model, state, eval_batches, mesh, show_segments) if show_segments > 0 else []
-
-    result = {
-        "step": int(state.step),
-        "workdir": str(workdir),
-        "data": {
-            "source": describe_eval_data(data_cfg),
-            "batches": len(eval_batches),
-            "rows": int(sum(np.any(~b["mask"], axis=1).sum() for b in eval_batches)),
-            "tokens": int(sum((~b["mask"]).sum() for b in eval_batches)),
-        },
-    }
-    result.update(sorted(metrics.items()))
-    result["level0/code_bits_per_byte"] = metrics["level0/code_ce"] / math.log(2.0)
-    return result, samples
 
 
 def main(argv):

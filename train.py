@@ -35,7 +35,7 @@ def main(argv):
 
     if _MULTIHOST.value:
         jax.distributed.initialize()
-    from abstractinator_jax.trainer import train
+    from abstractinator_jax.train_loop import train
 
     cfg = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{cfg.run_name}"

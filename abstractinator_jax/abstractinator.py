@@ -9,10 +9,12 @@ from flax import linen as nn
 from flax import struct
 from ml_collections import ConfigDict
 
+from . import axes
+from .codes import CodeCodec
 from .compressor import CompressorOutput, SegmentCompressor
 from .expander import Expander
 from .layers import constrain, dense, kernel_init
-from .quantizer import CodeCodec
+from .losses import masked_cross_entropy
 
 
 @struct.dataclass
@@ -21,14 +23,6 @@ class LevelOutput:
     metrics: dict  # name -> () float32
     compressor: CompressorOutput
     logits: list  # per stage (B, S, K)
-
-
-def _cross_entropy(logits, targets, mask):
-    """Mean over mask of -log softmax(logits)[target]; logits (B, S, K) float32, targets (B, S), mask (B, S)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    m = mask.astype(jnp.float32)
-    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 class AbstractinatorLevel(nn.Module):
@@ -50,12 +44,14 @@ class AbstractinatorLevel(nn.Module):
         cfg = self.cfg
         if self.lo_K is None:
             self.embedding = self.param(
-                "embedding", kernel_init("vocab", "embed", init=nn.initializers.normal(1.0)), (cfg.vocab_size, cfg.D)
+                "embedding",
+                kernel_init(axes.VOCAB, axes.EMBED, init=nn.initializers.normal(1.0)),
+                (cfg.vocab_size, cfg.D),
             )
             vocab, start, code_K = cfg.vocab_size, cfg.eos_id, cfg.vocab_size
         else:
             if self.lo_D != cfg.D:
-                self.in_proj = dense(cfg.D, ("embed", "embed_out"), dtype=self.dtype, name="in_proj")
+                self.in_proj = dense(cfg.D, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="in_proj")
             vocab, start, code_K = None, CodeCodec(self.lo_K, self.lo_depth).eos_id, self.lo_K
         self.compressor = SegmentCompressor(cfg, self.implementation, self.dtype)
         self.expander = Expander(cfg, vocab, start, code_K, self.lo_depth, self.implementation, self.dtype)
@@ -67,7 +63,7 @@ class AbstractinatorLevel(nn.Module):
             x = inputs.astype(self.dtype)
             if self.lo_D != self.cfg.D:
                 x = self.in_proj(x)
-        return constrain(x, ("batch", "length", "act_embed"))
+        return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
     def compress(self, ids, key_pad, train: bool = False, inputs=None) -> CompressorOutput:
         return self.compressor(self.embed(ids, inputs), ids, key_pad, train)
@@ -82,7 +78,7 @@ class AbstractinatorLevel(nn.Module):
         memory = comp.quantized  # straight-through quantized vectors, or the continuous pooled ones
         logits, digits = self.expander(memory, comp.valid_mask, ids, key_pad, comp.segments.seg_id, lo_codebooks)
         real = ~key_pad
-        code_ce = sum(_cross_entropy(lg, digits[..., s], real) for s, lg in enumerate(logits))
+        code_ce = sum(masked_cross_entropy(lg, digits[..., s], real) for s, lg in enumerate(logits))
         loss = cfg.w_code_ce * code_ce + cfg.w_byte_lm_ce * comp.entropy.loss + cfg.w_vq * comp.vq_loss
         metrics = level_metrics(comp, logits, digits, key_pad)
         metrics.update(loss=loss, code_ce=code_ce, entropy_loss=comp.entropy.loss, vq_loss=comp.vq_loss)

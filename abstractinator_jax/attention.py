@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from . import axes
 from .layers import apply_rope, constrain, kernel_init, token_matmul
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -131,11 +132,11 @@ class _Projections(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def proj(self, x, name):  # (..., D) -> (..., N, H)
-        w = self.param(name, kernel_init("embed", "heads", "kv"), (x.shape[-1], self.num_heads, self.head_dim))
+        w = self.param(name, kernel_init(axes.EMBED, axes.HEADS, axes.KV), (x.shape[-1], self.num_heads, self.head_dim))
         return token_matmul(x.astype(self.dtype), w.astype(self.dtype))
 
     def out(self, x, features):  # (..., N, H) -> (..., D)
-        w = self.param("o", kernel_init("heads", "kv", "embed"), (self.num_heads, self.head_dim, features))
+        w = self.param("o", kernel_init(axes.HEADS, axes.KV, axes.EMBED), (self.num_heads, self.head_dim, features))
         return token_matmul(x.astype(self.dtype), w.astype(self.dtype), n_in=2)
 
 
@@ -150,7 +151,7 @@ class SelfAttention(_Projections):
         q = apply_rope(self.proj(x, "q"), positions)
         k = apply_rope(self.proj(x, "k"), positions)
         v = self.proj(x, "v")
-        q, k, v = (constrain(a, ("batch", "length", "act_heads", None)) for a in (q, k, v))
+        q, k, v = (constrain(a, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None)) for a in (q, k, v))
         if self.window > 0:
             o = sliding_window_attention(q, k, v, key_pad, window=self.window, implementation=self.implementation)
         else:

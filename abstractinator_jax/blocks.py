@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
+from . import axes
 from .attention import SegmentCrossAttention, SelfAttention
 from .layers import SwiGLU, constrain, rms_norm
 
@@ -31,7 +32,7 @@ class TransformerBlock(nn.Module):
         )
         x = x + attn(rms_norm(dtype=self.dtype, name="attn_norm")(x), key_pad, positions)
         x = x + SwiGLU(self.ffn_mult * d, dtype=self.dtype, name="ffn")(rms_norm(dtype=self.dtype, name="ffn_norm")(x))
-        return constrain(x, ("batch", "length", "act_embed"))
+        return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
 
 class DecoderBlock(nn.Module):
@@ -68,4 +69,4 @@ class DecoderBlock(nn.Module):
         )
         x = x + cross(rms_norm(dtype=self.dtype, name="cross_norm")(x), memory, row_valid, seg_id)
         x = x + SwiGLU(self.ffn_mult * d, dtype=self.dtype, name="ffn")(rms_norm(dtype=self.dtype, name="ffn_norm")(x))
-        return constrain(x, ("batch", "length", "act_embed"))
+        return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))

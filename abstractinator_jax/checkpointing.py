@@ -35,6 +35,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from .config import to_dict
+
 __all__ = [
     "CHECKPOINT_SUBDIR",
     "CheckpointError",
@@ -170,19 +172,8 @@ def _sharding_problems(restored: Any, abstract: Any) -> list[str]:
     return problems
 
 
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy: ConfigDicts (also inside lists, which ``ConfigDict.to_dict`` leaves alone) become dicts."""
-    if hasattr(value, "to_dict") and not isinstance(value, Mapping | list | tuple):  # ConfigDict (not a Mapping)
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _config_to_dict(config: Any) -> dict:
-    plain = _plain(config)
+    plain = to_dict(config)
     if not isinstance(plain, dict):
         raise CheckpointError(f"config must be a ConfigDict or a mapping, got {type(config).__name__}.")
     try:

@@ -12,8 +12,11 @@ from flax import linen as nn
 from flax import struct
 from ml_collections import ConfigDict
 
+from . import axes
 from .blocks import TransformerBlock
+from .config import num_compression_layers, num_lm_layers
 from .layers import constrain, dense, kernel_init, rms_norm, token_matmul
+from .losses import masked_mean, token_nll
 from .quantizer import ResidualVQ
 from .segmentation import Segments, entropy_segments, segment_softmax_pool
 
@@ -53,11 +56,6 @@ def _stack(cfg, n_layers, window, impl, dtype, name):
     ]
 
 
-def _masked_mean(x, mask):
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 class LogitEntropyModel(nn.Module):
     """Causal token LM; bits[t] is the Shannon entropy (bits) of the distribution predicted at t-1."""
 
@@ -68,15 +66,14 @@ class LogitEntropyModel(nn.Module):
     @nn.compact
     def __call__(self, x, ids, key_pad, positions) -> EntropyOut:
         cfg = self.cfg
-        for blk in _stack(cfg, _n_lm(cfg), cfg.c_window, self.implementation, self.dtype, "block"):
+        for blk in _stack(cfg, num_lm_layers(cfg), cfg.c_window, self.implementation, self.dtype, "block"):
             x = blk(x, key_pad, positions)
         h = rms_norm(dtype=self.dtype, name="norm")(x)
-        logits = dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype, name="head")(h).astype(jnp.float32)
+        logits = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), dtype=self.dtype, name="head")(h).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # predictions for tokens 1..S-1
         ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1) / LN2  # (B, S-1)
         bits = jnp.pad(ent, ((0, 0), (1, 0)))
-        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        loss = _masked_mean(nll, ~key_pad[:, 1:])
+        loss = masked_mean(token_nll(logits[:, :-1], ids[:, 1:]), ~key_pad[:, 1:])
         return EntropyOut(bits=bits, loss=loss)
 
 
@@ -91,27 +88,18 @@ class GaussianEntropyModel(nn.Module):
     def __call__(self, x, ids, key_pad, positions) -> EntropyOut:
         cfg = self.cfg
         target = x
-        for blk in _stack(cfg, _n_lm(cfg), cfg.c_window, self.implementation, self.dtype, "block"):
+        for blk in _stack(cfg, num_lm_layers(cfg), cfg.c_window, self.implementation, self.dtype, "block"):
             x = blk(x, key_pad, positions)
         d = x.shape[-1]
-        mu = dense(d, ("embed", "embed_out"), dtype=self.dtype, name="mu", use_bias=True)(x).astype(jnp.float32)
-        logvar = dense(d, ("embed", "embed_out"), dtype=self.dtype, name="logvar", use_bias=True)(x)
+        mu = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="mu", use_bias=True)(x).astype(jnp.float32)
+        logvar = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="logvar", use_bias=True)(x)
         logvar = jnp.clip(logvar.astype(jnp.float32), -8.0, 8.0)
         diff = target[:, 1:].astype(jnp.float32) - mu[:, :-1]
         nll = 0.5 * (diff**2 * jnp.exp(-logvar[:, :-1]) + logvar[:, :-1] + math.log(2 * math.pi))
         bpd = jnp.mean(nll, axis=-1) / LN2  # (B, S-1)
         bits = jnp.pad(bpd, ((0, 0), (1, 0)))
-        loss = _masked_mean(bpd, ~key_pad[:, 1:])
+        loss = masked_mean(bpd, ~key_pad[:, 1:])
         return EntropyOut(bits=bits, loss=loss)
-
-
-def _n_lm(cfg):
-    return cfg.c_num_encoder_layers if cfg.c_num_lm_encoder_layers is None else cfg.c_num_lm_encoder_layers
-
-
-def _n_comp(cfg):
-    n = cfg.c_num_compression_encoder_layers
-    return cfg.c_num_encoder_layers if n is None else n
 
 
 class LearnedQueryPooling(nn.Module):
@@ -127,12 +115,12 @@ class LearnedQueryPooling(nn.Module):
         b, s, d = x.shape
         n, hd, lq = self.num_heads, d // self.num_heads, self.num_queries
         template = self.param(
-            "query_template", kernel_init("queries", "embed", init=nn.initializers.normal(0.02)), (lq, d)
+            "query_template", kernel_init(axes.QUERIES, axes.EMBED, init=nn.initializers.normal(0.02)), (lq, d)
         )
 
         def proj(name):
             def f(inp):  # (..., D) -> (..., N, H)
-                w = self.param(name, kernel_init("embed", "heads", "kv"), (d, n, hd))
+                w = self.param(name, kernel_init(axes.EMBED, axes.HEADS, axes.KV), (d, n, hd))
                 return token_matmul(inp.astype(self.dtype), w.astype(self.dtype))
 
             return f
@@ -145,7 +133,7 @@ class LearnedQueryPooling(nn.Module):
         pooled = segment_softmax_pool(scores, v, seg.seg_id, ~key_pad, self.max_segments)  # (B, Qs, L, N, H)
         pooled = pooled.reshape(b, self.max_segments * lq, d)
         out = rms_norm(dtype=self.dtype, name="out_norm")(pooled)
-        out = dense(d, ("embed", "embed_out"), dtype=self.dtype, name="out")(out)
+        out = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="out")(out)
         valid = jnp.arange(self.max_segments)[None, :] < seg.num_segments[:, None]  # (B, Qs)
         valid = jnp.repeat(valid, lq, axis=1)  # (B, Q)
         return jnp.where(valid[..., None], out, jnp.zeros((), out.dtype)), valid
@@ -182,7 +170,9 @@ class SegmentCompressor(nn.Module):
             max_segments=self.max_segments,
         )
         h = x
-        for blk in _stack(cfg, _n_comp(cfg), cfg.c_window, self.implementation, self.dtype, "compression"):
+        for blk in _stack(
+            cfg, num_compression_layers(cfg), cfg.c_window, self.implementation, self.dtype, "compression"
+        ):
             h = blk(h, key_pad, positions)
         pooled, valid = LearnedQueryPooling(
             num_heads=cfg.c_heads,
@@ -191,7 +181,7 @@ class SegmentCompressor(nn.Module):
             dtype=self.dtype,
             name="pooler",
         )(h, seg, key_pad)
-        pooled = constrain(pooled, ("batch", "length", "act_embed"))
+        pooled = constrain(pooled, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
         if cfg.c_vq_K > 0:
             quantizer = make_quantizer(cfg)
             quantized, codes, vq_loss, vq_metrics = quantizer(pooled, valid, train)

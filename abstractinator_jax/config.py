@@ -9,11 +9,14 @@ key and the fix.
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ml_collections import ConfigDict, FieldReference
+
+log = logging.getLogger("abstractinator_jax")
 
 # Byte vocabulary (ARCHITECTURE 2).
 BYTE_VOCAB = 260
@@ -85,6 +88,18 @@ def level_defaults() -> ConfigDict:
     c.w_byte_lm_ce = 1.0
     c.w_vq = 1.0
     return c
+
+
+def num_lm_layers(lv: ConfigDict) -> int:
+    """Blocks of a level's entropy branch (c_num_lm_encoder_layers, or c_num_encoder_layers when None)."""
+    n = lv.c_num_lm_encoder_layers
+    return lv.c_num_encoder_layers if n is None else n
+
+
+def num_compression_layers(lv: ConfigDict) -> int:
+    """Blocks of a level's compression branch (c_num_compression_encoder_layers, or c_num_encoder_layers when None)."""
+    n = lv.c_num_compression_encoder_layers
+    return lv.c_num_encoder_layers if n is None else n
 
 
 def top_transformer_defaults() -> ConfigDict:
@@ -243,7 +258,7 @@ def _check_pyramid(cfg: ConfigDict) -> list[str]:
     return p
 
 
-def _check_level(i: int, lv: ConfigDict, seq_len: int) -> list[str]:
+def _check_level(i: int, lv: ConfigDict) -> list[str]:
     p, k = [], f"levels[{i}]"
     if lv.attention_type not in _ENUMS["attention_type"]:
         p.append(
@@ -271,12 +286,6 @@ def _check_level(i: int, lv: ConfigDict, seq_len: int) -> list[str]:
         )
     if i == 0 and lv.vocab_size != BYTE_VOCAB:
         p.append(f"{k}.vocab_size={lv.vocab_size}; level 0 reads bytes and needs vocab_size={BYTE_VOCAB}.")
-    if i == 0 and lv.c_output_length // max(lv.c_num_queries, 1) > seq_len:
-        p.append(
-            f"{k}.c_output_length // c_num_queries = {lv.c_output_length // max(lv.c_num_queries, 1)} segment slots "
-            f"exceed sequence_length={seq_len}: every extra slot is wasted compute. Lower {k}.c_output_length "
-            f"to at most sequence_length * c_num_queries."
-        )
     if lv.c_vq_K < 0:
         p.append(f"{k}.c_vq_K={lv.c_vq_K} must be >= 0 (0 turns the quantizer off).")
     if lv.c_vq_K > 0:
@@ -299,9 +308,32 @@ def _check_level(i: int, lv: ConfigDict, seq_len: int) -> list[str]:
     return p
 
 
+def clamp_segment_slots(cfg: ConfigDict) -> list[str]:
+    """Lower each level's segment slots (c_output_length // c_num_queries) to the rows it can have: level 0 has at
+    most sequence_length segments, level k at most the slots of level k-1. Every extra slot would be wasted compute,
+    so a run with short rows (e.g. --config.sequence_length=256 on a config made for 1024) gets fewer slots rather
+    than an error. Changes `cfg` in place; returns one line per change (for a warning)."""
+    notes = []
+    rows = cfg.sequence_length
+    for i, lv in enumerate(cfg.levels):
+        lq = lv.c_num_queries
+        if lq >= 1 and rows >= 1 and lv.c_output_length % lq == 0 and lv.c_output_length // lq > rows:
+            notes.append(
+                f"levels[{i}].c_output_length {lv.c_output_length} -> {rows * lq}: at most {rows} segments fit in "
+                + (f"a row of sequence_length={rows}." if i == 0 else f"the {rows} rows that levels[{i - 1}] produces.")
+            )
+            lv.c_output_length = rows * lq
+        rows = lv.c_output_length // max(lq, 1)
+    return notes
+
+
 def validate_config(cfg: ConfigDict) -> ConfigDict:
-    """Raise ConfigError listing every problem (unknown keys, contradictions); return cfg unchanged otherwise."""
+    """Raise ConfigError listing every problem (unknown keys, contradictions); return cfg otherwise. Segment slots
+    that cannot all be used are clamped first (`clamp_segment_slots`, with a warning)."""
     problems = _unknown_keys(cfg, base_config(), "")
+    if not problems and isinstance(cfg.sequence_length, int) and all(_is_dict(lv) for lv in cfg.levels):
+        for note in clamp_segment_slots(cfg):
+            log.warning("clamped %s", note)
     if not problems:
         if len(cfg.levels) != cfg.num_levels:
             problems.append(f"num_levels={cfg.num_levels} but {len(cfg.levels)} entries in 'levels'; make them agree.")
@@ -342,7 +374,7 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
         if cfg.min_lr > cfg.learning_rate:
             problems.append(f"min_lr={cfg.min_lr} exceeds learning_rate={cfg.learning_rate}.")
         for i, lv in enumerate(cfg.levels):
-            problems += _check_level(i, lv, cfg.sequence_length)
+            problems += _check_level(i, lv)
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -409,3 +441,26 @@ def _merge(dst: ConfigDict, src: Mapping[str, Any]) -> None:
             _merge(dst[key], value)
         else:
             dst[key] = value
+
+
+# Config keys that define the model's parameters: a checkpoint must agree on these to be resumed.
+MODEL_KEYS = ("stage", "num_levels", "levels", "use_top_code_lm", "top_transformer_config")
+
+
+def model_config_differences(saved: dict, current: dict, keys=None) -> list[str]:
+    """Human-readable differences between the model sections of two config dicts."""
+    out = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else k)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}[{i}]")
+        elif a != b:
+            out.append(f"{path}: checkpoint {a!r} vs config {b!r}")
+
+    for key in keys or MODEL_KEYS:
+        walk(saved.get(key, "<missing>"), current.get(key, "<missing>"), key)
+    return out

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from ml_collections import ConfigDict
 
+from . import axes
 from .blocks import DecoderBlock
+from .codes import CodeCodec, residual_code_logits
 from .layers import kernel_init, rms_norm
 
 
@@ -35,13 +37,13 @@ class FactorizedCodes(nn.Module):
         if self.num_codes is not None:
             self.table = self.param(
                 "code_table",
-                kernel_init("vocab", "code", init=nn.initializers.normal(0.02)),
+                kernel_init(axes.VOCAB, axes.CODE, init=nn.initializers.normal(0.02)),
                 (self.num_codes, self.code_dim),
             )
         scale = self.code_dim**-0.5
         self.up = self.param(
             "up",
-            kernel_init("code", "embed", init=nn.initializers.normal(float(scale))),
+            kernel_init(axes.CODE, axes.EMBED, init=nn.initializers.normal(float(scale))),
             (self.code_dim, self.model_dim),
         )
 
@@ -53,19 +55,9 @@ class FactorizedCodes(nn.Module):
         return (z @ self.up).astype(self.dtype)
 
     def logits(self, h, tables, teacher_digits, sqdist: bool, residual: bool):
-        """Per-stage logits [(B, S, K)]. With `residual`, stage s+1 scores the residual left after subtracting the
-        teacher-forced stage-s code vectors (stop-gradient)."""
-        z = (h.astype(jnp.float32) @ self.up.T).astype(jnp.float32)  # (B, S, d_c)
-        out = []
-        for s, table in enumerate(tables):
-            table = table.astype(jnp.float32)
-            dots = z @ table.T
-            if sqdist:
-                dots = 2.0 * dots - jnp.sum(z * z, -1, keepdims=True) - jnp.sum(table * table, -1)[None, None]
-            out.append(dots)
-            if residual and s + 1 < len(tables):
-                z = z - jax.lax.stop_gradient(table[teacher_digits[..., s]])
-        return out
+        """Per-stage logits [(B, S, K)] of the hidden states h (B, S, D), projected down to d_c by up.T."""
+        z = h.astype(jnp.float32) @ self.up.T.astype(jnp.float32)  # (B, S, d_c)
+        return residual_code_logits(z, tables, teacher_digits, sqdist=sqdist, residual=residual)
 
 
 class Expander(nn.Module):
@@ -85,10 +77,7 @@ class Expander(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def digits(self, ids):  # (B, S) -> (B, S, depth)
-        if self.depth == 1:
-            return ids[..., None]
-        base = jnp.asarray([self.code_K**s for s in range(self.depth)], jnp.int32)
-        return (ids[..., None] // base) % self.code_K
+        return CodeCodec(self.code_K, self.depth).decompose(ids)
 
     @nn.compact
     def __call__(self, memory, row_valid, targets, target_pad, seg_id, codebooks=None):

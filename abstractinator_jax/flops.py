@@ -7,6 +7,8 @@ train step costs 3x the forward (backward = 2x forward).
 
 from __future__ import annotations
 
+from .config import num_compression_layers, num_lm_layers
+
 
 def _mean_window(seq_len: int, window: int) -> float:
     """Mean number of visible keys per query for causal attention banded to `window` (0 = full causal)."""
@@ -25,11 +27,7 @@ def level_macs_per_token(lv, seq_len: int, compression_ratio: float) -> float:
     def block(window):
         return 4 * d * d + 3 * d * f + 2 * d * _mean_window(seq_len, window)
 
-    n_lm = lv.c_num_encoder_layers if lv.c_num_lm_encoder_layers is None else lv.c_num_lm_encoder_layers
-    n_comp = (
-        lv.c_num_encoder_layers if lv.c_num_compression_encoder_layers is None else lv.c_num_compression_encoder_layers
-    )
-    enc_layers = lv.c_num_shared_encoder_layers + n_lm + n_comp
+    enc_layers = lv.c_num_shared_encoder_layers + num_lm_layers(lv) + num_compression_layers(lv)
     macs = enc_layers * block(lv.c_window)
     macs += 2 * d * d if lv.c_entropy_model == "gaussian" else d * lv.vocab_size
     # pooler: K, V projections, scores and weighted sums per token; output projection per memory row

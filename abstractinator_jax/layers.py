@@ -1,9 +1,7 @@
 """Small building blocks: dense layers with logical axis names, RMSNorm, SwiGLU, rotary position embedding.
 
-Parameter axis names (mapped onto the device mesh by `sharding.LOGICAL_AXIS_RULES`):
-  'embed' model width D, 'mlp' feed-forward hidden, 'heads' attention heads, 'kv' per-head width,
-  'vocab' token / code vocabularies, 'code' low-rank code width (d_c).
-Activation axis names: 'batch', 'length', 'act_embed', 'act_heads', 'act_mlp'.
+Every parameter and constrained activation names its axes with the constants of axes.py (checked when traced);
+`sharding.LOGICAL_AXIS_RULES` maps them onto the device mesh.
 """
 
 from __future__ import annotations
@@ -14,13 +12,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from . import axes
+
 DType = jnp.dtype
 
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
 
 
-def kernel_init(*axes: str | None, init=DEFAULT_INIT):
-    return nn.with_logical_partitioning(init, axes)
+def kernel_init(*names: str | None, init=DEFAULT_INIT):
+    """`init` with the parameter's logical axis names (constants of axes.py; None = replicated)."""
+    return nn.with_logical_partitioning(init, axes.check(names, axes.PARAM_AXES))
 
 
 def token_matmul(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
@@ -49,9 +50,7 @@ class Dense(nn.Module):
         w = self.param("kernel", kernel_init(*self.axes), (x.shape[-1], self.features))
         y = token_matmul(x.astype(self.dtype), w.astype(self.dtype))
         if self.use_bias:
-            b = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)), (self.features,)
-            )
+            b = self.param("bias", kernel_init(self.axes[1], init=nn.initializers.zeros_init()), (self.features,))
             y = y + b.astype(self.dtype)
         return y
 
@@ -60,7 +59,7 @@ def dense(features: int, axes: tuple[str | None, str | None], *, dtype, name: st
     return Dense(features, axes, use_bias=use_bias, dtype=dtype, name=name)
 
 
-def rms_norm(*, dtype, name: str | None = None, axis_name: str = "embed") -> nn.RMSNorm:
+def rms_norm(*, dtype, name: str | None = None, axis_name: str = axes.EMBED) -> nn.RMSNorm:
     return nn.RMSNorm(
         epsilon=1e-6,
         dtype=dtype,
@@ -70,9 +69,9 @@ def rms_norm(*, dtype, name: str | None = None, axis_name: str = "embed") -> nn.
     )
 
 
-def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Logical sharding constraint on an activation (a no-op outside a mesh with rules)."""
-    return nn.with_logical_constraint(x, axes)
+    return nn.with_logical_constraint(x, axes.check(names, axes.ACTIVATION_AXES))
 
 
 class SwiGLU(nn.Module):
@@ -84,10 +83,10 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, S, D) -> (B, S, D)
         d = x.shape[-1]
-        gate = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="w1")(x)
-        up = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="w3")(x)
-        h = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return dense(d, ("mlp", "embed"), dtype=self.dtype, name="w2")(h)
+        gate = dense(self.hidden, (axes.EMBED, axes.MLP), dtype=self.dtype, name="w1")(x)
+        up = dense(self.hidden, (axes.EMBED, axes.MLP), dtype=self.dtype, name="w3")(x)
+        h = constrain(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+        return dense(d, (axes.MLP, axes.EMBED), dtype=self.dtype, name="w2")(h)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:

@@ -16,61 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import struct
 
+from . import axes
+from .codes import CodeCodec
 from .layers import kernel_init
 
 VQ_STATE = "vq_state"
-
-# Stage-0 codes reserved for specials, counted from the end of the codebook: K-1 PAD, K-2 BOS, K-3 EOS, K-4 EOP.
-SPECIALS = ("pad", "bos", "eos", "eop")
-
-
-@struct.dataclass
-class CodeCodec:
-    """Composes per-stage digits into one id (sum_s digit_s * K**s) and back; tells special ids apart."""
-
-    K: int = struct.field(pytree_node=False)
-    depth: int = struct.field(pytree_node=False)
-
-    @property
-    def pad_id(self) -> int:
-        return self.K - 1
-
-    @property
-    def bos_id(self) -> int:
-        return self.K - 2
-
-    @property
-    def eos_id(self) -> int:
-        return self.K - 3
-
-    @property
-    def eop_id(self) -> int:
-        return self.K - 4
-
-    @property
-    def special_ids(self) -> tuple[int, ...]:
-        return (self.pad_id, self.bos_id, self.eos_id, self.eop_id)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.K**self.depth
-
-    def compose(self, digits):
-        """digits: (..., depth) int -> (...) int32."""
-        base = jnp.asarray([self.K**s for s in range(self.depth)], jnp.int32)
-        return jnp.sum(jnp.asarray(digits, jnp.int32) * base, axis=-1)
-
-    def decompose(self, ids):
-        """(...) int -> (..., depth) int32 digits in [0, K)."""
-        base = jnp.asarray([self.K**s for s in range(self.depth)], jnp.int32)
-        return (jnp.asarray(ids, jnp.int32)[..., None] // base) % self.K
-
-    def is_special(self, ids):
-        """True for the four special ids (stage-0 digit in the reserved range, higher digits zero)."""
-        ids = jnp.asarray(ids, jnp.int32)
-        return (ids >= self.K - len(SPECIALS)) & (ids < self.K)
 
 
 def _perplexity(counts):
@@ -110,7 +61,9 @@ class VectorQuantizer(nn.Module):
             self.cluster_size = self.variable(VQ_STATE, "ema_cluster_size", lambda: jnp.ones((self.K,), jnp.float32))
             self.weight_sum = self.variable(VQ_STATE, "ema_weight_sum", lambda: self.codebook.value)
         else:
-            self._codebook_param = self.param("codebook", kernel_init("vocab", "code", init=init), (self.K, self.dim))
+            self._codebook_param = self.param(
+                "codebook", kernel_init(axes.VOCAB, axes.CODE, init=init), (self.K, self.dim)
+            )
         self.buffer = self.variable(VQ_STATE, "buffer", lambda: jnp.zeros((self.buffer_size, self.dim), jnp.float32))
         self.buffer_pos = self.variable(VQ_STATE, "buffer_pos", lambda: jnp.zeros((), jnp.int32))
         self.buffer_count = self.variable(VQ_STATE, "buffer_count", lambda: jnp.zeros((), jnp.int32))
@@ -267,10 +220,10 @@ class ResidualVQ(nn.Module):
 
     def _projections(self, d_model):
         down = self.param(
-            "down", kernel_init("embed", "code", init=nn.initializers.xavier_uniform()), (d_model, self.code_dim)
+            "down", kernel_init(axes.EMBED, axes.CODE, init=nn.initializers.xavier_uniform()), (d_model, self.code_dim)
         )
         up = self.param(
-            "up", kernel_init("code", "embed", init=lambda *_: jnp.asarray(down).T), (self.code_dim, d_model)
+            "up", kernel_init(axes.CODE, axes.EMBED, init=lambda *_: jnp.asarray(down).T), (self.code_dim, d_model)
         )
         return down, up
 

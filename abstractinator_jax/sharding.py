@@ -15,26 +15,27 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from . import axes
 from .config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXIS_RULES = (
     # activations
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
+    (axes.BATCH, ("data", "fsdp")),
+    (axes.LENGTH, None),
+    (axes.ACT_EMBED, None),
+    (axes.ACT_HEADS, "tensor"),
+    (axes.ACT_MLP, "tensor"),
     # parameters
-    ("embed", "fsdp"),
-    ("embed_out", None),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", None),
-    ("code", None),
-    ("queries", None),
+    (axes.EMBED, "fsdp"),
+    (axes.EMBED_OUT, None),
+    (axes.MLP, "tensor"),
+    (axes.HEADS, "tensor"),
+    (axes.KV, None),
+    (axes.VOCAB, None),
+    (axes.CODE, None),
+    (axes.QUERIES, None),
 )
 
 

@@ -8,8 +8,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 from ml_collections import ConfigDict
 
+from . import axes
 from .blocks import TransformerBlock
+from .codes import CodeCodec, residual_code_logits
 from .layers import dense, rms_norm
+from .losses import masked_cross_entropy
 
 
 def next_row_pairs(valid: jax.Array) -> jax.Array:
@@ -24,28 +27,11 @@ def continuous_loss(pred: jax.Array, rows: jax.Array, valid: jax.Array) -> jax.A
     return jnp.sum(err * pairs) / jnp.maximum(jnp.sum(pairs), 1.0)
 
 
-def factorized_code_logits(z: jax.Array, codebooks, teacher_digits: jax.Array) -> list[jax.Array]:
-    """Per-stage logits of a code-space vector z (B, T, d_c) against stage codebooks [(K, d_c)], residually
-    conditioned on the teacher digits (B, T, depth) with stop-gradient."""
-    out = []
-    for s, table in enumerate(codebooks):
-        table = table.astype(jnp.float32)
-        out.append(z @ table.T)
-        if s + 1 < len(codebooks):
-            z = z - jax.lax.stop_gradient(table[teacher_digits[..., s]])
-    return out
-
-
 def discrete_loss(logits, next_digits: jax.Array, valid: jax.Array) -> jax.Array:
     """Sum over stages of the mean cross-entropy of logits[s][:, t] against the digits of row t+1 over valid pairs.
     logits: [(B, Q, K)] computed at every row t; next_digits: (B, Q, depth) digits of each row's code."""
-    pairs = next_row_pairs(valid).astype(jnp.float32)
-    total = 0.0
-    for s, lg in enumerate(logits):
-        logp = jax.nn.log_softmax(lg[:, :-1].astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, next_digits[:, 1:, s][..., None], axis=-1)[..., 0]
-        total = total + jnp.sum(nll * pairs) / jnp.maximum(jnp.sum(pairs), 1.0)
-    return total
+    pairs = next_row_pairs(valid)
+    return sum(masked_cross_entropy(lg[:, :-1], next_digits[:, 1:, s], pairs) for s, lg in enumerate(logits))
 
 
 class CodeSequenceTransformer(nn.Module):
@@ -65,7 +51,7 @@ class CodeSequenceTransformer(nn.Module):
         cfg = self.cfg
         b, q, e = rows.shape
         chex.assert_shape(valid, (b, q))
-        h = dense(cfg.dim, ("embed_out", "embed"), dtype=self.dtype, name="in_proj")(rows.astype(self.dtype))
+        h = dense(cfg.dim, (axes.EMBED_OUT, axes.EMBED), dtype=self.dtype, name="in_proj")(rows.astype(self.dtype))
         positions = jnp.arange(q)
         for i in range(cfg.num_layers):
             h = TransformerBlock(
@@ -77,18 +63,16 @@ class CodeSequenceTransformer(nn.Module):
                 name=f"block_{i}",
             )(h, ~valid, positions)
         h = rms_norm(dtype=self.dtype, name="final_norm")(h)
-        out = dense(e, ("embed", "embed_out"), dtype=self.dtype, name="out_proj")(h).astype(jnp.float32)
+        out = dense(e, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="out_proj")(h).astype(jnp.float32)
         target = jax.lax.stop_gradient(rows)
         if cfg.continuous:
             loss = continuous_loss(out, target, valid)
             return loss, {"top_mse": loss}
-        depth = len(codebooks)
-        base = jnp.asarray([code_K**s for s in range(depth)], jnp.int32)
-        digits = (codes[..., None] // base) % code_K  # (B, Q, depth)
-        z = dense(codebooks[0].shape[-1], ("embed_out", "code"), dtype=self.dtype, name="code_proj")(out)
+        digits = CodeCodec(code_K, len(codebooks)).decompose(codes)  # (B, Q, depth)
+        z = dense(codebooks[0].shape[-1], (axes.EMBED_OUT, axes.CODE), dtype=self.dtype, name="code_proj")(out)
         # stage s+1 at row t is conditioned on the teacher digits of row t+1 (the target), shifted to align with t
         teacher = jnp.concatenate([digits[:, 1:], digits[:, -1:]], axis=1)
-        logits = factorized_code_logits(z.astype(jnp.float32), [jax.lax.stop_gradient(c) for c in codebooks], teacher)
+        logits = residual_code_logits(z, [jax.lax.stop_gradient(c) for c in codebooks], teacher)
         loss = discrete_loss(logits, digits, valid)
         pairs = next_row_pairs(valid)
         match = jnp.ones(pairs.shape, bool)

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from abstractinator_jax import training  # noqa: E402
+from abstractinator_jax import steps, train_state  # noqa: E402
 from abstractinator_jax.cli import load_config_file  # noqa: E402
 from abstractinator_jax.config import BOS_ID, EOS_ID, validate_config  # noqa: E402
 from abstractinator_jax.flops import flops_per_byte  # noqa: E402
@@ -99,9 +99,9 @@ def main():
 
     mesh = make_mesh(cfg.mesh)
     model = AbstractinatorPyramid(cfg)
-    opt = training.make_optimizer(cfg)
-    state, shardings = training.create_train_state(cfg, model, mesh, opt)
-    step = training.make_train_step(cfg, model, mesh, opt, shardings)
+    opt = train_state.make_optimizer(cfg)
+    state, shardings = train_state.create_train_state(cfg, model, mesh, opt)
+    step = steps.make_train_step(cfg, model, mesh, opt, shardings)
     ids = real_batch(args.batch_size, args.sequence_length)
     batch = {"ids": ids[None], "mask": np.zeros_like(ids, bool)[None]}
     n_bytes = ids.size
@@ -127,7 +127,7 @@ def main():
             "attention_impl": cfg.attention_impl,
             "batch_size": args.batch_size,
             "sequence_length": args.sequence_length,
-            "parameters": training.count_params(state.params),
+            "parameters": train_state.count_params(state.params),
             "compile_s": round(compile_s, 2),
             "train_step_s": round(step_s, 4),
             "train_bytes_per_s": round(n_bytes / step_s, 1),
@@ -143,7 +143,7 @@ def main():
             result["xla_temp_mb"] = round(mem.temp_size_in_bytes / 2**20, 1)
             result["xla_args_mb"] = round(mem.argument_size_in_bytes / 2**20, 1)
         if not args.skip_forward:
-            eval_step = training.make_eval_step(model, mesh, shardings)
+            eval_step = steps.make_eval_step(model, mesh, shardings)
             st = holder["state"]
             fwd_s, _ = timed(eval_step, st.params, st.model_state, ids, np.zeros_like(ids, bool), reps=args.reps)
             result["forward_s"] = round(fwd_s, 4)

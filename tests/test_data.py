@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abstractinator_jax import data
+from abstractinator_jax import data, documents
 from abstractinator_jax import tokenizer as tok
 from abstractinator_jax.config import PAD_ID, ConfigError, data_defaults
 
@@ -48,21 +48,21 @@ def _write_corpus(path: Path, n_docs: int, seed: int = 0, seq_len: int = 16) -> 
 def test_text_documents_separator_strip_and_empty(tmp_path):
     p = tmp_path / "c.txt"
     p.write_bytes(b"First story.\n<|endoftext|>\n\n  Second\nstory \xff\n<|endoftext|>\n   \n<|endoftext|>\nThird")
-    docs = data.TextDocuments(str(p), "<|endoftext|>")
+    docs = documents.TextDocuments(str(p), "<|endoftext|>")
     assert len(docs) == 3
     assert [docs[i] for i in range(3)] == [b"First story.", b"Second\nstory \xff", b"Third"]
     assert docs.byte_lengths().tolist() == [12, 14, 5]
     assert docs.read_span(1, 2, 5) == b"con"
     assert docs[-1] == b"Third"
-    whole = data.TextDocuments(str(p), "")
+    whole = documents.TextDocuments(str(p), "")
     assert len(whole) == 1 and whole[0].startswith(b"First") and whole[0].endswith(b"Third")
 
 
 def test_text_documents_glob_and_comma_list(tmp_path):
     (tmp_path / "a.txt").write_text("A1<|endoftext|>A2")
     (tmp_path / "b.txt").write_text("B1")
-    by_glob = data.TextDocuments(str(tmp_path / "*.txt"))
-    by_list = data.TextDocuments(f"{tmp_path / 'a.txt'}, {tmp_path / 'b.txt'}")
+    by_glob = documents.TextDocuments(str(tmp_path / "*.txt"))
+    by_list = documents.TextDocuments(f"{tmp_path / 'a.txt'}, {tmp_path / 'b.txt'}")
     assert [by_glob[i] for i in range(3)] == [by_list[i] for i in range(3)] == [b"A1", b"A2", b"B1"]
 
 
@@ -70,16 +70,16 @@ def test_jsonl_documents(tmp_path):
     p = tmp_path / "c.jsonl"
     lines = [{"text": "héllo", "id": 1}, {"text": ""}, {"text": None}, {"text": "world 😀"}]
     p.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    docs = data.JsonlDocuments(str(p), "text")
+    docs = documents.JsonlDocuments(str(p), "text")
     assert len(docs) == 2
     assert docs[0] == "héllo".encode() and docs[1] == "world 😀".encode()
     assert docs.byte_lengths().tolist() == [6, 10]
     with pytest.raises(ConfigError, match="text_column_name"):
-        data.JsonlDocuments(str(p), "body")
+        documents.JsonlDocuments(str(p), "body")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(ConfigError, match="bad.jsonl:2"):
-        data.JsonlDocuments(str(bad), "text")
+        documents.JsonlDocuments(str(bad), "text")
 
 
 def test_parquet_documents(tmp_path):
@@ -88,44 +88,44 @@ def test_parquet_documents(tmp_path):
     p = tmp_path / "c.parquet"
     table = pa.table({"text": ["alpha", "", None, "βeta", "gamma"], "n": [1, 2, 3, 4, 5]})
     pq.write_table(table, p, row_group_size=2)  # several chunks
-    docs = data.ParquetDocuments(str(p), "text")
+    docs = documents.ParquetDocuments(str(p), "text")
     assert [docs[i] for i in range(len(docs))] == [b"alpha", "βeta".encode(), b"gamma"]
     assert docs.byte_lengths().tolist() == [5, 5, 5]
     with pytest.raises(ConfigError, match="text_column_name"):
-        data.ParquetDocuments(str(p), "body")
+        documents.ParquetDocuments(str(p), "body")
     with pytest.raises(ConfigError, match="text_column_name"):
-        data.ParquetDocuments(str(p), "n")
+        documents.ParquetDocuments(str(p), "n")
 
 
 def test_missing_unreadable_and_empty_files(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.path='.*nope\.txt' does not exist.*--config\.data\.path"):
-        data.TextDocuments(str(tmp_path / "nope.txt"))
+        documents.TextDocuments(str(tmp_path / "nope.txt"))
     with pytest.raises(ConfigError, match=r"data\.path.*matches no file"):
-        data.TextDocuments(str(tmp_path / "*.nothing"))
+        documents.TextDocuments(str(tmp_path / "*.nothing"))
     with pytest.raises(ConfigError, match="directory"):
-        data.TextDocuments(str(tmp_path))
+        documents.TextDocuments(str(tmp_path))
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     with pytest.raises(ConfigError, match=r"data\.path"):
-        data.TextDocuments(str(empty))
+        documents.TextDocuments(str(empty))
     blank = tmp_path / "blank.txt"
     blank.write_bytes(b"\n<|endoftext|>\n  \n<|endoftext|>\n")
     with pytest.raises(ConfigError, match=r"data\.path"):
-        data.TextDocuments(str(blank))
+        documents.TextDocuments(str(blank))
     with pytest.raises(ConfigError, match=r"data\.eval_path"):
-        data.make_documents(_cfg(source="text", path=str(blank), eval_path=str(tmp_path / "x.txt")), "eval")
+        documents.make_documents(_cfg(source="text", path=str(blank), eval_path=str(tmp_path / "x.txt")), "eval")
     with pytest.raises(ConfigError, match=r"data\.path"):
-        data.make_documents(_cfg(source="jsonl", path=""), "train")
+        documents.make_documents(_cfg(source="jsonl", path=""), "train")
 
 
 def test_offline_corpus_deterministic():
-    a, b = data.OfflineCorpus(), data.OfflineCorpus()
+    a, b = documents.OfflineCorpus(), documents.OfflineCorpus()
     assert len(a) > 20
     assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
     assert all(a[i] for i in range(len(a)))
-    assert data.corpus_stats(a)["bytes"] > 100_000
-    tr = data.make_documents(_cfg(source="offline"), "train")
-    ev = data.make_documents(_cfg(source="offline"), "eval")
+    assert documents.corpus_stats(a)["bytes"] > 100_000
+    tr = documents.make_documents(_cfg(source="offline"), "train")
+    ev = documents.make_documents(_cfg(source="offline"), "eval")
     assert len(tr) + len(ev) == len(a) and len(ev) >= 1
     assert not set(tr.indices.tolist()) & set(ev.indices.tolist())
 
@@ -135,13 +135,13 @@ def test_hf_offline_fails_fast_with_actionable_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     with pytest.raises(ConfigError) as err:
-        data.HFDocuments("abstractinator-tests/no-such-dataset", None, "train", "text")
+        documents.HFDocuments("abstractinator-tests/no-such-dataset", None, "train", "text")
     assert time.perf_counter() - t0 < 30
     msg = str(err.value)
     assert "data.source" in msg and "data.dataset_name" in msg
     assert "--config.data.source=offline" in msg and "--config.data.source=text" in msg
     with pytest.raises(ConfigError, match="data.source"):
-        data.make_documents(_cfg(source="hf", dataset_name="abstractinator-tests/no-such-dataset"), "train")
+        documents.make_documents(_cfg(source="hf", dataset_name="abstractinator-tests/no-such-dataset"), "train")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,26 +153,26 @@ def test_holdout_split_disjoint_and_deterministic(tmp_path):
     p = tmp_path / "c.txt"
     docs = _write_corpus(p, 100)
     cfg = _cfg(source="text", path=str(p), eval_fraction=0.1, shuffle_seed=7)
-    tr, ev = data.make_documents(cfg, "train"), data.make_documents(cfg, "eval")
+    tr, ev = documents.make_documents(cfg, "train"), documents.make_documents(cfg, "eval")
     tr_docs = {tr[i] for i in range(len(tr))}
     ev_docs = {ev[i] for i in range(len(ev))}
     assert len(ev) == 10 and len(tr) == 90
     assert not tr_docs & ev_docs and tr_docs | ev_docs == set(docs)
-    again = data.make_documents(cfg, "eval")
+    again = documents.make_documents(cfg, "eval")
     assert [again[i] for i in range(len(again))] == [ev[i] for i in range(len(ev))]
-    capped = data.make_documents(_cfg(source="text", path=str(p), eval_fraction=0.1, max_eval_documents=3), "eval")
+    capped = documents.make_documents(_cfg(source="text", path=str(p), eval_fraction=0.1, max_eval_documents=3), "eval")
     assert len(capped) == 3
     # An explicit eval file: train takes the whole of data.path.
     q = tmp_path / "valid.txt"
     q.write_text("held out one<|endoftext|>held out two")
     cfg2 = _cfg(source="text", path=str(p), eval_path=str(q))
-    assert len(data.make_documents(cfg2, "train")) == 100
-    ev2 = data.make_documents(cfg2, "eval")
+    assert len(documents.make_documents(cfg2, "train")) == 100
+    ev2 = documents.make_documents(cfg2, "eval")
     assert [ev2[i] for i in range(len(ev2))] == [b"held out one", b"held out two"]
     one = tmp_path / "one.txt"
     one.write_text("a single document")
     with pytest.raises(ConfigError, match="eval_path"):
-        data.make_documents(_cfg(source="text", path=str(one)), "train")
+        documents.make_documents(_cfg(source="text", path=str(one)), "train")
 
 
 def test_row_source_matches_to_rows(tmp_path):
@@ -180,12 +180,12 @@ def test_row_source_matches_to_rows(tmp_path):
     docs = [b"x" * n for n in (0, 1, 6, 7, 8, 9, 23, 40)]
     docs = [d + bytes([65 + i]) for i, d in enumerate(docs)]  # unique, non-empty
     p.write_bytes(b"<|endoftext|>".join(docs))
-    src = data.RowSource(data.TextDocuments(str(p)), 8)
+    src = data.RowSource(documents.TextDocuments(str(p)), 8)
     expected = np.concatenate([tok.to_rows(tok.encode(d), 8) for d in docs])
     assert len(src) == len(expected)
     got = np.stack([src[i] for i in range(len(src))])
     assert np.array_equal(got, expected)
-    ds = data.make_row_dataset(data.TextDocuments(str(p)), 8)
+    ds = data.make_row_dataset(documents.TextDocuments(str(p)), 8)
     assert np.array_equal(ds[3], expected[3])
 
 
@@ -199,7 +199,7 @@ def corpus(tmp_path):
     p = tmp_path / "corpus.txt"
     _write_corpus(p, 40, seed=1)
     cfg = _cfg(source="text", path=str(p), eval_fraction=0.1)
-    rows = data.RowSource(data.make_documents(cfg, "train"), 16)
+    rows = data.RowSource(documents.make_documents(cfg, "train"), 16)
     return cfg, rows
 
 
@@ -277,7 +277,7 @@ def test_eval_batches_padded_and_complete(tmp_path):
     p = tmp_path / "c.txt"
     _write_corpus(p, 60, seed=2)
     cfg = _cfg(source="text", path=str(p), eval_fraction=0.2)
-    rows = data.RowSource(data.make_documents(cfg, "eval"), 16)
+    rows = data.RowSource(documents.make_documents(cfg, "eval"), 16)
     n = len(rows)
     bsz = next(b for b in range(5, 20) if n % b)
     batches = data.make_eval_batches(cfg, 16, bsz, None)
@@ -295,8 +295,8 @@ def test_eval_batches_padded_and_complete(tmp_path):
     joined = np.concatenate([np.concatenate([h0["ids"], h1["ids"]]) for h0, h1 in zip(*halves)])
     assert np.array_equal(joined[:n], flat[:n]) and np.all(joined[n:] == PAD_ID)
     # Train and eval never share a document.
-    tr = data.make_documents(cfg, "train")
-    ev = data.make_documents(cfg, "eval")
+    tr = documents.make_documents(cfg, "train")
+    ev = documents.make_documents(cfg, "eval")
     assert not {tr[i] for i in range(len(tr))} & {ev[i] for i in range(len(ev))}
 
 
@@ -309,7 +309,7 @@ def test_tinystories_shared_file():
     path = SHARED_DATA / "tinystories_train.txt"
     if not path.is_file():
         pytest.skip(f"{path} not present")
-    docs = data.TextDocuments(str(path), "<|endoftext|>")
+    docs = documents.TextDocuments(str(path), "<|endoftext|>")
     assert len(docs) == 2084
     assert docs[0].startswith(b"One day, a little girl named Lily found a needle")
     assert all(not docs[i][:1].isspace() and not docs[i][-1:].isspace() for i in range(0, len(docs), 97))
@@ -325,11 +325,11 @@ def test_hf_documents_from_local_files(tmp_path):
     """The success path of HFDocuments, without the network: the packaged 'json' builder on a local file."""
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps({"text": t}) for t in ["one", "", "two 😀", "three"]))
-    docs = data.HFDocuments("json", None, "train", "text", data_files=str(p), cache_dir=str(tmp_path / "cache"))
+    docs = documents.HFDocuments("json", None, "train", "text", data_files=str(p), cache_dir=str(tmp_path / "cache"))
     assert [docs[i] for i in range(len(docs))] == [b"one", "two 😀".encode(), b"three"]
     assert docs.byte_lengths().tolist() == [3, 8, 5]
     with pytest.raises(ConfigError, match="text_column_name"):
-        data.HFDocuments("json", None, "train", "body", data_files=str(p), cache_dir=str(tmp_path / "cache"))
+        documents.HFDocuments("json", None, "train", "body", data_files=str(p), cache_dir=str(tmp_path / "cache"))
 
 
 def test_iterator_state_through_orbax(tmp_path):

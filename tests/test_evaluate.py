@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from abstractinator_jax.trainer import train
+from abstractinator_jax.train_loop import train
 
 from .helpers import tiny_config
 

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from abstractinator_jax import top, training
+from abstractinator_jax import steps, top, train_state
 from abstractinator_jax.checkpointing import CheckpointError, CheckpointManager
+from abstractinator_jax.codes import residual_code_logits
 from abstractinator_jax.config import ConfigError, to_dict, validate_config
 from abstractinator_jax.model import AbstractinatorPyramid
 from abstractinator_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
 from abstractinator_jax.summaries import read_scalars
-from abstractinator_jax.trainer import train
+from abstractinator_jax.train_loop import train
 
 from .helpers import SENTENCES, sentence_batch, tiny_config
 
@@ -140,8 +141,8 @@ def fresh_stage2():
     cfg = two_level_config(stage=2)
     mesh = make_mesh(cfg.mesh)
     model = AbstractinatorPyramid(cfg)
-    opt = training.make_optimizer(cfg)
-    state, shardings = training.create_train_state(cfg, model, mesh, opt)
+    opt = train_state.make_optimizer(cfg)
+    state, shardings = train_state.create_train_state(cfg, model, mesh, opt)
     return dict(cfg=cfg, state=host(state), mesh=mesh, model=model, opt=opt, shardings=shardings)
 
 
@@ -322,7 +323,7 @@ def test_factorized_code_logits_residual_conditioning_matches_loop():
     z = rng.normal(size=(b, t, d)).astype(np.float32)
     books = [rng.normal(size=(k, d)).astype(np.float32) for _ in range(depth)]
     teacher = rng.integers(0, k, (b, t, depth)).astype(np.int32)
-    got = jax.jit(top.factorized_code_logits)(z, books, teacher)
+    got = jax.jit(residual_code_logits)(z, books, teacher)
     assert len(got) == depth
     for i in range(b):
         for j in range(t):
@@ -335,7 +336,7 @@ def test_factorized_code_logits_residual_conditioning_matches_loop():
     # that subtraction, so their gradient w.r.t. it is zero (while w.r.t. z it is not)
     def stage1(z_, cb0):
         books_ = [cb0] + [jnp.asarray(c) for c in books[1:]]
-        return jnp.sum(top.factorized_code_logits(z_, books_, jnp.asarray(teacher))[1])
+        return jnp.sum(residual_code_logits(z_, books_, jnp.asarray(teacher))[1])
 
     gz, gcb0 = jax.jit(jax.grad(stage1, argnums=(0, 1)))(z, books[0])
     assert np.all(np.asarray(gcb0) == 0) and np.any(np.asarray(gz) != 0)
@@ -383,7 +384,7 @@ def stage2(fresh_stage2):
     """The stage-2 train step, as the trainer builds it, and a runner."""
     f = fresh_stage2
     cfg, mesh = f["cfg"], f["mesh"]
-    step = training.make_train_step(cfg, f["model"], mesh, f["opt"], f["shardings"])
+    step = steps.make_train_step(cfg, f["model"], mesh, f["opt"], f["shardings"])
 
     def run(state, batch, n):
         """n steps (the step donates its input state); returns (state, [host metrics of every step])."""
@@ -411,7 +412,7 @@ def test_stage2_trains_only_the_top_and_freezes_the_pyramid(stage2):
     assert moments
     first_keys = {next(k.key for k in p if isinstance(k, jax.tree_util.DictKey)) for p, _ in moments}
     assert first_keys == {"top"}, first_keys
-    n_top = training.count_params(before.params)
+    n_top = train_state.count_params(before.params)
     assert sum(np.size(x) for _, x in moments) == 2 * n_top  # Adam's mu and nu
 
     after, metrics = stage2["run"](fresh(before), sentence_batch(), 3)
@@ -486,8 +487,8 @@ def test_stage2_refuses_a_stage1_checkpoint_of_another_pyramid(corpus, tmp_path)
     other = two_level_config()
     other.levels[0].D = 64
     model = AbstractinatorPyramid(other)
-    opt = training.make_optimizer(other)
-    abstract, _ = training.abstract_train_state(other, model, make_mesh(other.mesh), opt)
+    opt = train_state.make_optimizer(other)
+    abstract, _ = train_state.abstract_train_state(other, model, make_mesh(other.mesh), opt)
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
     with CheckpointManager(tmp_path / "s1") as mngr:
         mngr.save(0, zeros, config=to_dict(other), force=True)
@@ -506,10 +507,10 @@ def stage1_workdir(probe, tmp_path_factory):
     """A stage-1 checkpoint of the probe's pyramid (parameters and quantizer state), as a stage-1 run leaves it."""
     cfg = probe["cfg"]
     params = probe["variables"]["params"]
-    state = training.TrainState(
+    state = train_state.TrainState(
         step=np.zeros((), np.int32),
         params=params,
-        opt_state=host(training.make_optimizer(cfg).init(params)),
+        opt_state=host(train_state.make_optimizer(cfg).init(params)),
         model_state={"vq_state": probe["variables"]["vq_state"]},
         rng=np.asarray(jax.random.key_data(jax.random.key(1))),
         frozen_params={},

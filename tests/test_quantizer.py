@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from abstractinator_jax.quantizer import VQ_STATE, CodeCodec, ResidualVQ, VectorQuantizer
+from abstractinator_jax.codes import CodeCodec
+from abstractinator_jax.quantizer import VQ_STATE, ResidualVQ, VectorQuantizer
 
 # -- shared helpers ---------------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 
 from abstractinator_jax.checkpointing import CheckpointError, CheckpointManager
 from abstractinator_jax.summaries import read_scalars, read_texts
-from abstractinator_jax.trainer import train
+from abstractinator_jax.train_loop import train
 
 from .helpers import tiny_config
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from abstractinator_jax import sharding, training
+from abstractinator_jax import sharding, steps, train_state
 from abstractinator_jax.model import AbstractinatorPyramid
 
 from .helpers import sentence_batch, tiny_config
@@ -24,9 +24,9 @@ def test_tiny_model_overfits_repeated_sentences():
     cfg = tiny_config()
     mesh = sharding.make_mesh(cfg.mesh)
     model = AbstractinatorPyramid(cfg)
-    opt = training.make_optimizer(cfg)
-    state, shardings = training.create_train_state(cfg, model, mesh, opt)
-    step = training.make_train_step(cfg, model, mesh, opt, shardings)
+    opt = train_state.make_optimizer(cfg)
+    state, shardings = train_state.create_train_state(cfg, model, mesh, opt)
+    step = steps.make_train_step(cfg, model, mesh, opt, shardings)
     batch = sentence_batch()
     with jax.set_mesh(mesh):
         state, first = step(state, batch)
@@ -44,7 +44,7 @@ def test_tiny_model_overfits_repeated_sentences():
 def test_learning_rate_schedule_warmup_and_floor():
     cfg = tiny_config()
     cfg.warmup_steps, cfg.max_steps, cfg.learning_rate, cfg.min_lr = 10, 100, 1e-3, 1e-5
-    sched = training.learning_rate_schedule(cfg)
+    sched = train_state.learning_rate_schedule(cfg)
     assert float(sched(0)) == 0.0
     assert float(sched(5)) == pytest.approx(5e-4)
     assert float(sched(10)) == pytest.approx(1e-3)
@@ -59,8 +59,8 @@ def test_gradient_accumulation_averages_micro_batches():
     cfg.gradient_accumulation_steps = 2
     mesh = sharding.make_mesh(cfg.mesh)
     model = AbstractinatorPyramid(cfg)
-    opt = training.make_optimizer(cfg)
-    state, shardings = training.create_train_state(cfg, model, mesh, opt)
+    opt = train_state.make_optimizer(cfg)
+    state, shardings = train_state.create_train_state(cfg, model, mesh, opt)
     full = sentence_batch()
     batch = {k: v.reshape(2, 2, -1) for k, v in full.items()}
     params0 = jax.device_get(state.params)
@@ -73,7 +73,7 @@ def test_gradient_accumulation_averages_micro_batches():
     g_mean = jax.tree.map(lambda a, b: (a + b) / 2, *g)
     updates, _ = jax.jit(opt.update)(g_mean, opt.init(params0), params0)
     expected = jax.tree.map(lambda p, u: p + u, params0, updates)
-    step = training.make_train_step(cfg, model, mesh, opt, shardings)
+    step = steps.make_train_step(cfg, model, mesh, opt, shardings)
     with jax.set_mesh(mesh):
         state, m = step(state, batch)
     got = jax.device_get(state.params)
@@ -84,7 +84,7 @@ def test_gradient_accumulation_averages_micro_batches():
 _DP_SCRIPT = textwrap.dedent(
     """
     import jax, numpy as np
-    from abstractinator_jax import sharding, training
+    from abstractinator_jax import sharding, steps, train_state
     from abstractinator_jax.model import AbstractinatorPyramid
     from tests.helpers import sentence_batch, tiny_config
 
@@ -95,9 +95,9 @@ _DP_SCRIPT = textwrap.dedent(
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = sharding.make_mesh(cfg.mesh, devices=devices)
         model = AbstractinatorPyramid(cfg)
-        opt = training.make_optimizer(cfg)
-        state, sh = training.create_train_state(cfg, model, mesh, opt)
-        step = training.make_train_step(cfg, model, mesh, opt, sh)
+        opt = train_state.make_optimizer(cfg)
+        state, sh = train_state.create_train_state(cfg, model, mesh, opt)
+        step = steps.make_train_step(cfg, model, mesh, opt, sh)
         with jax.set_mesh(mesh):
             for _ in range(2):
                 state, m = step(state, batch)
