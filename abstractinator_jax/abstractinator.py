@@ -1,4 +1,7 @@
-"""One level of the pyramid: embedding, compressor, expander, the level loss and metrics (ARCHITECTURE 3, 3.7)."""
+"""One level of the pyramid (docs/ARCHITECTURE.md 3): the level's input embedding (a byte table at level 0, the lower
+level's quantized vectors above), its compressor and expander wired together, and the level loss and metrics
+(3.7). It owns nothing of the levels above or below: the pyramid (model.py) passes each level its inputs, its
+targets and, above level 0, the lower level's codebooks."""
 
 from __future__ import annotations
 
@@ -87,8 +90,8 @@ class AbstractinatorLevel(nn.Module):
 
 
 def level_metrics(comp: CompressorOutput, logits, digits, key_pad) -> dict:
-    """Compression and reconstruction metrics of a level (ARCHITECTURE 3.7), as float32 scalars. A token counts as
-    reconstructed when every stage's argmax digit (teacher-forced residuals) matches."""
+    """Compression and reconstruction metrics of a level (docs/ARCHITECTURE.md 3.7), as float32 scalars. A token
+    counts as reconstructed when every stage's argmax digit (teacher-forced residuals) matches."""
     real = ~key_pad
     n_real = jnp.sum(real).astype(jnp.float32)
     n_seg = jnp.sum(comp.segments.num_segments).astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Attention forms of ARCHITECTURE 3.1, on `jax.nn.dot_product_attention`.
+"""Attention forms of docs/ARCHITECTURE.md 3.1, on `jax.nn.dot_product_attention`.
 
 Kernels (pure functions, inputs (B, T, N, H), `key_pad` True at PAD):
   - `sliding_window_attention`: causal, position t sees keys [t-W+1, t], never PAD keys. Queries are blocked into

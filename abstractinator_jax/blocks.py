@@ -1,4 +1,7 @@
-"""Pre-norm transformer blocks (ARCHITECTURE 3.1)."""
+"""Pre-norm transformer blocks (docs/ARCHITECTURE.md 3.1): `TransformerBlock` (causal self-attention, sliding-window
+or full, then SwiGLU) for the compressor stacks and the top transformer, and `DecoderBlock` (self-attention,
+segment-causal cross-attention into memory rows, SwiGLU) for the expander. Each adds its sublayers residually to
+RMSNorm'ed inputs; the attention itself lives in attention.py."""
 
 from __future__ import annotations
 

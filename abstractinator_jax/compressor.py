@@ -1,5 +1,6 @@
-"""The segment compressor (ARCHITECTURE 3.2-3.4): shared stack, entropy branch, segmentation, compression branch,
-learned-query pooling. The quantizer (3.6) slots in after pooling."""
+"""The segment compressor (docs/ARCHITECTURE.md 3.2-3.4): the shared stack, the entropy branch (logit or gaussian
+entropy model), segmentation, the compression branch, learned-query pooling and the optional residual quantizer
+(3.6), producing a level's `CompressorOutput`."""
 
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ class GaussianEntropyModel(nn.Module):
 
 
 class LearnedQueryPooling(nn.Module):
-    """L learned queries per segment attend to the segment's own non-PAD tokens (ARCHITECTURE 3.4), linear in S."""
+    """L learned queries per segment attend to the segment's own non-PAD tokens (docs/ARCHITECTURE.md 3.4); linear
+    in S."""
 
     num_heads: int
     num_queries: int

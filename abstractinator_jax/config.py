@@ -18,7 +18,7 @@ from ml_collections import ConfigDict, FieldReference
 
 log = logging.getLogger("abstractinator_jax")
 
-# Byte vocabulary (ARCHITECTURE 2).
+# Byte vocabulary (docs/ARCHITECTURE.md 2).
 BYTE_VOCAB = 260
 BOS_ID, EOS_ID, PAD_ID, EOP_ID = 256, 257, 258, 259
 
@@ -60,7 +60,7 @@ def level_defaults() -> ConfigDict:
     c.c_entropy_delta = 0.2
     c.c_entropy_abs_threshold = _opt(None, float)
     c.c_output_length = 1024
-    # Quantizer (ARCHITECTURE 3.6); c_vq_K = 0 means no quantizer.
+    # Quantizer (docs/ARCHITECTURE.md 3.6); c_vq_K = 0 means no quantizer.
     c.c_vq_K = 0
     c.c_vq_depth = 1
     c.c_vq_d_c = _opt(None, int)
@@ -103,7 +103,7 @@ def num_compression_layers(lv: ConfigDict) -> int:
 
 
 def top_transformer_defaults() -> ConfigDict:
-    """The reference's TopTransformerConfig (used from the hierarchy issue on)."""
+    """The top transformer (the reference's TopTransformerConfig)."""
     c = ConfigDict()
     c.embed_dim = 512
     c.dim = 512

@@ -1,4 +1,4 @@
-"""Input pipelines (ARCHITECTURE 2): documents become rows of a fixed length S, and rows become batches.
+"""Input pipelines (docs/ARCHITECTURE.md 2): documents become rows of a fixed length S, and rows become batches.
 
 `[BOS] + bytes + [EOS]` is cut into consecutive rows, the last padded with PAD (no byte is dropped). `RowSource`
 indexes the rows of a document source (documents.py) lazily (only document lengths are read up front);

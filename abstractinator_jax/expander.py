@@ -1,4 +1,4 @@
-"""Decoder-only expander with a factorized code embedding and head (ARCHITECTURE 3.5).
+"""Decoder-only expander with a factorized code embedding and head (docs/ARCHITECTURE.md 3.5).
 
 At level 0 the "codebook" is a learned byte table (vocab x d_lo_d_c), depth 1. Above level 0 the lower level's RVQ
 stage codebooks take its place (depth stages, K entries each, never a K**depth table).

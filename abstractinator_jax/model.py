@@ -1,4 +1,7 @@
-"""The model entry point: the pyramid of levels (ARCHITECTURE 4) and the optional top transformer (5)."""
+"""The model entry point (docs/ARCHITECTURE.md 4, 5, 7): `AbstractinatorPyramid` stacks the levels (each level reads
+the quantized vectors and code ids of the one below), adds the optional top transformer, and runs stage 1 (train
+the levels, and the top when `use_top_code_lm`) or stage 2 (the levels as a frozen compressor, only the top
+learns). Also the choice of attention implementation for the device at hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The top transformer ("CodeSequenceTransformer", ARCHITECTURE 5): a causal model of the top level's rows."""
+"""The top transformer ("CodeSequenceTransformer", docs/ARCHITECTURE.md 5): a causal transformer over the top level's
+valid rows, and its two losses, next-row mean squared error (continuous) and next-code cross-entropy through a
+factorized, residually conditioned head over the top quantizer's codebooks (discrete)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Entropy alignment and causality of the compressor's entropy models (ARCHITECTURE 3.2 step 2), and a full-forward
-gradient sanity check of the pyramid on degenerate rows.
+"""Entropy alignment and causality of the compressor's entropy models (docs/ARCHITECTURE.md 3.2 step 2), and a
+full-forward gradient sanity check of the pyramid on degenerate rows.
 
 bits[t] measures the uncertainty about token t given tokens < t, bits[0] = 0:
   - `logit`: bits[t] is the entropy of the prediction made at t-1, so it depends only on tokens < t;
