@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+from collections import Counter
 from collections.abc import Sequence
 
 import jax
@@ -21,7 +22,16 @@ import numpy as np
 
 from .config import BOS_ID, EOS_ID, PAD_ID
 
-__all__ = ["LevelView", "RowView", "row_views", "render_report", "segmentation_report"]
+__all__ = [
+    "LevelView",
+    "RowView",
+    "row_views",
+    "render_report",
+    "segmentation_report",
+    "CodebookAtlas",
+    "dead_codes",
+    "atlas_tsv",
+]
 
 
 @dataclasses.dataclass
@@ -249,7 +259,11 @@ def _histogram(lengths: np.ndarray, max_bins: int = 40) -> tuple[list[float], li
 
 
 def render_report(
-    rows: Sequence[RowView], stats: dict, level_cfgs: Sequence, title: str = "Segmentation report"
+    rows: Sequence[RowView],
+    stats: dict,
+    level_cfgs: Sequence,
+    title: str = "Segmentation report",
+    atlases: Sequence[CodebookAtlas] = (),
 ) -> str:
     """The whole report as one HTML document. `stats` comes from `segmentation_report` (or any dict with
     'segment_lengths' [per level arrays], 'code_counts' [per level arrays or None], 'bytes_per_segment' [per row])."""
@@ -298,39 +312,131 @@ def render_report(
     )
     out.append(
         "<table class='summary'><tr><th>level</th><th>mean segment length (units)</th><th>segments</th></tr>"
-        f"{rows_html}</table></body></html>"
+        f"{rows_html}</table>"
     )
+    out.extend(_atlas_html(a) for a in atlases)
+    out.append("</body></html>")
     return "\n".join(out)
 
 
-def segmentation_report(compress_fn, batches, level_cfgs, max_rows: int = 6, title: str = "") -> str:
+@dataclasses.dataclass
+class CodebookAtlas:
+    """What each code of a quantized level stands for: the byte strings of the segments that map to it (with
+    counts), the codes never used in the evaluated text, and the codes the quantizer's EMA usage calls dead."""
+
+    level: int
+    num_codes: int  # K ** depth
+    segments: dict[int, Counter]  # code -> Counter(segment bytes)
+    dead: list[int]  # stage-0 codes whose EMA usage is below the dead threshold (specials excluded)
+    generated: dict[int, bytes] = dataclasses.field(default_factory=dict)  # code -> greedy expansion, when known
+
+    def by_usage(self) -> list[tuple[int, int]]:
+        """(code, segments) pairs, most used first."""
+        return sorted(((c, sum(n.values())) for c, n in self.segments.items()), key=lambda x: (-x[1], x[0]))
+
+
+def dead_codes(model_state: dict, level: int, lv) -> list[int]:
+    """Stage-0 codes of `level` whose EMA usage (vq_state ema_cluster_size) is below c_vq_dead_threshold, without
+    the four reserved specials; [] when the level has no EMA codebook."""
+    try:
+        size = model_state["vq_state"][f"level_{level}"]["compressor"]["quantizer"]["stage_0"]["ema_cluster_size"]
+    except (KeyError, TypeError):
+        return []
+    size = np.asarray(jax.device_get(size))
+    return [int(c) for c in np.flatnonzero(size < lv.c_vq_dead_threshold) if c < lv.c_vq_K - 4]
+
+
+def _shown(b: bytes) -> str:
+    head, body, tail = _split_partial(b)
+    text = body.decode("utf-8", errors="replace").replace("\n", "\u21b5").replace("\t", "\u21e5")
+    return (f"[{head.hex(' ')}]" if head else "") + text + (f"[{tail.hex(' ')}]" if tail else "")
+
+
+def atlas_tsv(atlas: CodebookAtlas, per_code: int = 10) -> str:
+    """One line per used code, most used first: code, segments, distinct strings, the top strings with counts."""
+    lines = ["code\tsegments\tdistinct\tgenerated\ttop_segments"]
+    for code, n in atlas.by_usage():
+        top = atlas.segments[code].most_common(per_code)
+        shown = " | ".join(f"{_shown(b)!r}x{k}" for b, k in top)
+        gen = _shown(atlas.generated[code]) if code in atlas.generated else ""
+        lines.append(f"{code}\t{n}\t{len(atlas.segments[code])}\t{gen!r}\t{shown}")
+    lines.append(f"# dead codes (EMA usage below threshold): {' '.join(map(str, atlas.dead)) or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def _atlas_html(atlas: CodebookAtlas, top_codes: int = 64, per_code: int = 8) -> str:
+    used = atlas.by_usage()
+    out = [
+        f"<h2>Codebook atlas, level {atlas.level}</h2>",
+        f"<p class='meta'>{len(used)} of {atlas.num_codes} codes used in the evaluated text; "
+        f"{len(atlas.dead)} dead by EMA usage. The {min(top_codes, len(used))} most used codes, each with the "
+        "segments that map to it (most frequent first)"
+        + (" and what the expander generates from the code alone (greedy)." if atlas.generated else ".")
+        + "</p><table class='summary'><tr><th>code</th><th>segments</th><th>distinct</th>"
+        + ("<th>generated</th>" if atlas.generated else "")
+        + "<th style='text-align:left'>segments (count)</th></tr>",
+    ]
+    for code, n in used[:top_codes]:
+        top = atlas.segments[code].most_common(per_code)
+        cells = " ".join(
+            f"<span class='seg a' data-code='{code}'>{html.escape(_shown(b))}</span>&times;{k}" for b, k in top
+        )
+        gen = f"<td class='text'>{html.escape(_shown(atlas.generated.get(code, b'')))}</td>" if atlas.generated else ""
+        out.append(
+            f"<tr data-code='{code}'><td>{code}</td><td>{n}</td><td>{len(atlas.segments[code])}</td>{gen}"
+            f"<td class='text' style='text-align:left'>{cells}</td></tr>"
+        )
+    out.append("</table>")
+    dead = " ".join(map(str, atlas.dead[:512])) + (" ..." if len(atlas.dead) > 512 else "")
+    out.append(f"<p class='meta'>Dead codes: {dead or 'none'}</p>")
+    return "\n".join(out)
+
+
+def segmentation_report(
+    compress_fn,
+    batches,
+    level_cfgs,
+    model_state: dict | None = None,
+    max_rows: int = 6,
+    title: str = "",
+    expand_code_fn=None,
+) -> tuple[str, list[CodebookAtlas]]:
     """Run `compress_fn(ids, pad) -> per-level compressor outputs` over `batches` ({'ids', 'mask'} dicts), show the
-    first `max_rows` rows that start a document in detail, and summarise every row."""
+    first `max_rows` rows that start a document in detail, summarise every row, and build a codebook atlas for each
+    quantized level (dead codes from `model_state`'s quantizer state; `expand_code_fn(level, code) -> bytes`, when
+    given, adds what the expander generates from each shown code alone). Returns (HTML, atlases)."""
     shown: list[RowView] = []
     seg_lengths: list[list[np.ndarray]] = [[] for _ in level_cfgs]
-    code_ids: list[list[np.ndarray]] = [[] for _ in level_cfgs]
+    atlases = {
+        k: CodebookAtlas(k, lv.c_vq_K**lv.c_vq_depth, {}, dead_codes(model_state or {}, k, lv))
+        for k, lv in enumerate(level_cfgs)
+        if lv.c_vq_K > 0
+    }
     bytes_per_seg = []
     for batch in batches:
         ids = np.asarray(batch["ids"])
         comps = jax.device_get(compress_fn(ids, ids == PAD_ID))
-        views = row_views(ids, comps, level_cfgs)
-        for b, view in enumerate(views):
+        for b, view in enumerate(row_views(ids, comps, level_cfgs)):
             if not np.any(ids[b] != PAD_ID):
                 continue
             for k, lv in enumerate(view.levels):
                 seg_lengths[k].append(np.asarray([e - s for s, e in lv.segments], np.int64))
+                if k in atlases:
+                    for code, (s, e) in zip(lv.codes, lv.segment_spans):
+                        atlases[k].segments.setdefault(code, Counter())[view.data[s:e]] += 1
             bytes_per_seg.append(len(view.data) / max(len(view.levels[0].segments), 1))
             if len(shown) < max_rows and ids[b, 0] == BOS_ID:
                 shown.append(view)
-        for k, (comp, lv) in enumerate(zip(comps, level_cfgs)):
-            if lv.c_vq_K > 0:
-                code_ids[k].append(np.asarray(comp.codes)[np.asarray(comp.valid_mask)])
+    if expand_code_fn is not None:
+        for k, atlas in atlases.items():
+            atlas.generated = {code: expand_code_fn(k, code) for code, _ in atlas.by_usage()[:64]}
     stats = {
         "segment_lengths": [np.concatenate(x) if x else np.zeros(0, np.int64) for x in seg_lengths],
         "code_counts": [
-            np.unique(np.concatenate(c), return_counts=True)[1] if lv.c_vq_K > 0 and c else None
-            for c, lv in zip(code_ids, level_cfgs)
+            np.asarray([n for _, n in atlases[k].by_usage()]) if k in atlases else None for k in range(len(level_cfgs))
         ],
         "bytes_per_segment": bytes_per_seg,
     }
-    return render_report(shown, stats, level_cfgs, title=title or "Segmentation report")
+    atlas_list = list(atlases.values())
+    page = render_report(shown, stats, level_cfgs, title=title or "Segmentation report", atlases=atlas_list)
+    return page, atlas_list

@@ -15,7 +15,7 @@ import pytest
 from abstractinator_jax import tokenizer
 from abstractinator_jax.config import PAD_ID, validate_config
 from abstractinator_jax.model import AbstractinatorPyramid
-from abstractinator_jax.report import render_report, row_views, segmentation_report
+from abstractinator_jax.report import atlas_tsv, dead_codes, render_report, row_views, segmentation_report
 
 from .helpers import tiny_config
 
@@ -158,6 +158,42 @@ def test_report_has_one_element_per_segment_with_its_span_and_bytes(compressed):
         cuts += "cut" in seg["class"].split()
     assert cuts > 0  # with these weights some boundary falls inside a multi-byte character
     # the whole report is produced from batches too (summary plots), and stays one self-contained file
-    full = segmentation_report(compress, [{"ids": ids, "mask": ids == PAD_ID}], cfg.levels, max_rows=2)
+    full, atlases = segmentation_report(compress, [{"ids": ids, "mask": ids == PAD_ID}], cfg.levels, max_rows=2)
     assert "<script src" not in full and "http://" not in re.sub(r'xmlns="http://www.w3.org/2000/svg"', "", full)
     assert full.count('data-level="0" data-segment="0"') == 2
+
+
+def test_codebook_atlas_counts_the_segments_of_each_code(compressed):
+    cfg, ids, compress, comps = compressed
+    k = len(cfg.levels) - 1 if len(cfg.levels) == 2 else None
+    if k is None:
+        pytest.skip("the 1-level config has no quantizer")
+    lv = cfg.levels[0]
+    # level 0's atlas, by a loop: code of each valid slot -> the bytes of its segment
+    want: dict[int, dict[bytes, int]] = {}
+    for b in range(ids.shape[0]):
+        n = int(comps[0].segments.num_segments[b])
+        seg_bytes = _level0_bytes_by_loop(ids[b], np.asarray(comps[0].segments.seg_id[b]), n)
+        for j in range(n):
+            code = int(comps[0].codes[b, j])
+            want.setdefault(code, {}).setdefault(seg_bytes[j], 0)
+            want[code][seg_bytes[j]] += 1
+    state = {
+        "vq_state": {
+            "level_0": {
+                "compressor": {
+                    "quantizer": {"stage_0": {"ema_cluster_size": np.where(np.arange(lv.c_vq_K) % 3 == 0, 0.5, 2.0)}}
+                }
+            }
+        }
+    }
+    page, atlases = segmentation_report(compress, [{"ids": ids, "mask": ids == PAD_ID}], cfg.levels, state)
+    atlas0 = atlases[0]
+    assert {c: dict(n) for c, n in atlas0.segments.items()} == want
+    assert atlas0.dead == [c for c in range(lv.c_vq_K - 4) if c % 3 == 0] == dead_codes(state, 0, lv)
+    usage = atlas0.by_usage()
+    assert [n for _, n in usage] == sorted((sum(v.values()) for v in want.values()), reverse=True)
+    tsv = atlas_tsv(atlas0).splitlines()
+    assert tsv[0].startswith("code\tsegments") and len(tsv) == len(want) + 2
+    assert int(tsv[1].split("\t")[0]) == usage[0][0] and int(tsv[1].split("\t")[1]) == usage[0][1]
+    assert f"<tr data-code='{usage[0][0]}'>" in page and "Codebook atlas, level 0" in page
