@@ -22,7 +22,15 @@ from abstractinator_jax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file under configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard). Default: runs/<run_name>.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (several hosts, e.g. a TPU pod).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Join several processes with jax.distributed.initialize() (a TPU pod slice, several GPU hosts). On TPU VMs and "
+    "SLURM/MPI clusters the processes find each other; elsewhere pass the three flags below to every process.",
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --multihost: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --multihost: how many processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --multihost: this process's index, 0..num_processes-1.")
 
 
 def main(argv):
@@ -34,7 +42,8 @@ def main(argv):
         absl_logging.set_verbosity(absl_logging.WARNING)
 
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (tests); others ignore it
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from abstractinator_jax.train_loop import train
 
     cfg = _CONFIG.value

@@ -62,6 +62,19 @@ def first_real_row(eval_batches):
     return None
 
 
+def shared_sample_row(eval_batches, seq_len: int):
+    """`first_real_row` of process 0's eval share, the same on every process (each process holds a different share
+    of the eval batches, and the sample is computed on replicated inputs); None when process 0 has no real row."""
+    row = first_real_row(eval_batches)
+    if jax.process_count() == 1:
+        return row
+    from jax.experimental import multihost_utils
+
+    local = np.full((1, seq_len), PAD_ID, np.int32) if row is None else np.asarray(row, np.int32)
+    row = np.asarray(multihost_utils.broadcast_one_to_all(local))
+    return row if np.any(row != PAD_ID) else None
+
+
 def segment_outputs(model, params, model_state, ids, pad):
     comp = model.apply({"params": params, **model_state}, ids, pad, method=model.compress_all)[0]
     return comp.segments.patch_end_mask, comp.codes, comp.valid_mask

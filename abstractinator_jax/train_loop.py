@@ -20,7 +20,7 @@ from .build import build, check_checkpoint_config, check_init_from, load_stage1
 from .checkpointing import CheckpointManager
 from .config import to_dict, validate_config
 from .data import resolve_data_config
-from .evaluation import evaluate, first_real_row, make_eval_batches, segment_outputs, segmented_sample
+from .evaluation import evaluate, make_eval_batches, segment_outputs, segmented_sample, shared_sample_row
 from .sharding import LOGICAL_AXIS_RULES, batch_sharding
 from .steps import make_eval_step, make_train_step
 from .summaries import SummaryWriter
@@ -91,7 +91,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
         writer.text(0, "config", json.dumps(to_dict(cfg), indent=2, default=str))
         writer.scalars(0, {"model/parameters": n_params, "model/trainable_parameters": count_params(state.params)})
 
-    sample_ids = first_real_row(eval_batches)
+    sample_ids = shared_sample_row(eval_batches, cfg.sequence_length)
     segment_fn = jax.jit(lambda p, ms, ids, pad: segment_outputs(model, p, ms, ids, pad))
 
     batch_in_sharding = batch_sharding(mesh, 3, 1)
