@@ -1,10 +1,12 @@
 """Scoring and the metric protocol: the code length is a sum of -log2 p that a loop reproduces, the level-0
 reconstruction of a model without memory is its expander's byte LM, the figures do not depend on the eval batch
-size or the device count, and a long document is scored across its rows exactly once."""
+size or the device count, a long document is scored across its rows exactly once, and the lm-eval adapter runs
+offline on a local task."""
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import subprocess
@@ -332,3 +334,78 @@ def test_four_devices_give_the_figures_of_one():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "DEVICES_OK" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# lm-eval adapter
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _instances(request_type, args_list):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type, {}, args, i) for i, args in enumerate(args_list)]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    pytest.importorskip("lm_eval")
+    from abstractinator_jax.lm_eval_adapter import AbstractinatorLM
+
+    return AbstractinatorLM(text_scorer=TextScorer(tiny.cfg, tiny.run, tiny.state, batch_size=2))
+
+
+def test_loglikelihood_is_a_difference_of_rolling_code_lengths(lm):
+    pairs = [("The cat sat on the", " mat."), ("", "Birds sing."), ("A café", " serves tea ☕ " * 5)]
+    ll = lm.loglikelihood(_instances("loglikelihood", pairs))
+    rolling = lm.loglikelihood_rolling(
+        _instances("loglikelihood_rolling", [(c + x,) for c, x in pairs] + [(c,) for c, _ in pairs])
+    )
+    for i, (value, greedy) in enumerate(ll):
+        assert math.isfinite(value) and greedy is False
+        np.testing.assert_allclose(value, rolling[i] - rolling[len(pairs) + i], rtol=1e-4, atol=1e-4)
+    with pytest.raises(NotImplementedError, match="generation"):
+        lm.generate_until(_instances("generate_until", [("Once", {"until": ["."]})]))
+
+
+def test_lm_eval_runs_a_local_task_offline(lm, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    choice = [
+        {"context": "The cat sat on the", "choices": [" mat.", " moon.", " xqzv"], "label": 0},
+        {"context": "Birds sing at", "choices": [" dawn.", " 12345"], "label": 0},
+    ]
+    texts = [{"text": "Fish swim deep below the blue waves."}, {"text": "Tom ate his soup and asked for more."}]
+    for name, rows in (("choice", choice), ("text", texts)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
+    (tmp_path / "abj_choice.yaml").write_text(
+        "task: abj_choice\n"
+        + common.format(path=tmp_path / "choice.jsonl")
+        + 'output_type: multiple_choice\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{label}}"\n'
+        + 'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n'
+    )
+    (tmp_path / "abj_text.yaml").write_text(
+        "task: abj_text\n"
+        + common.format(path=tmp_path / "text.jsonl")
+        + 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        + "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+    )
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["abj_choice", "abj_text"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        bootstrap_iters=0,
+        log_samples=False,
+    )
+    res = out["results"]
+    assert 0.0 <= res["abj_choice"]["acc,none"] <= 1.0
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert math.isfinite(res["abj_text"][metric]) and res["abj_text"][metric] > 0, metric
+    # lm-eval's bits per byte of the texts is the adapter's code length (no EOS) over their UTF-8 bytes
+    bits = lm.scorer.bits([t["text"] for t in texts]).sum()
+    n_bytes = sum(len(t["text"].encode()) for t in texts)
+    np.testing.assert_allclose(res["abj_text"]["bits_per_byte,none"], bits / n_bytes, rtol=1e-4)
