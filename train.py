@@ -55,7 +55,13 @@ def main(argv):
     except (ConfigError, CheckpointError) as e:
         fail(str(e))
     print(f"done: step {result['step']}, workdir {workdir}")
-    for k in ("loss", "level0/code_ce", "level0/entropy_loss", "level0/recon_accuracy", "level0/compression_ratio"):
+    for k in (
+        "bits_per_byte",
+        "level0/recon_bits_per_token_given_codes",
+        "level0/entropy_model_bits_per_byte",
+        "level0/recon_accuracy",
+        "level0/input_tokens_per_segment",
+    ):
         if k in result["eval"]:
             print(f"  eval {k} = {result['eval'][k]:.4f}")
 

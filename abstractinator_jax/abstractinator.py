@@ -26,6 +26,7 @@ class LevelOutput:
     metrics: dict  # name -> () float32
     compressor: CompressorOutput
     logits: list  # per stage (B, S, K)
+    digits: jax.Array  # (B, S, depth) int32 target digits of the ids (what the logits score)
 
 
 class AbstractinatorLevel(nn.Module):
@@ -86,7 +87,7 @@ class AbstractinatorLevel(nn.Module):
         metrics = level_metrics(comp, logits, digits, key_pad)
         metrics.update(loss=loss, code_ce=code_ce, entropy_loss=comp.entropy.loss, vq_loss=comp.vq_loss)
         metrics.update(comp.vq_metrics)
-        return LevelOutput(loss=loss, metrics=metrics, compressor=comp, logits=logits)
+        return LevelOutput(loss=loss, metrics=metrics, compressor=comp, logits=logits, digits=digits)
 
 
 def level_metrics(comp: CompressorOutput, logits, digits, key_pad) -> dict:

@@ -28,6 +28,7 @@ LN2 = math.log(2.0)
 class EntropyOut:
     bits: jax.Array  # (B, S) float32; bits[t] = uncertainty about token t given tokens < t; bits[:, 0] = 0
     loss: jax.Array  # () float32, mean over real targets t >= 1
+    logits: jax.Array | None = None  # (B, S, V) float32 logit model: logits[:, t] predicts token t+1; None (gaussian)
 
 
 @struct.dataclass
@@ -75,7 +76,7 @@ class LogitEntropyModel(nn.Module):
         ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1) / LN2  # (B, S-1)
         bits = jnp.pad(ent, ((0, 0), (1, 0)))
         loss = masked_mean(token_nll(logits[:, :-1], ids[:, 1:]), ~key_pad[:, 1:])
-        return EntropyOut(bits=bits, loss=loss)
+        return EntropyOut(bits=bits, loss=loss, logits=logits)
 
 
 class GaussianEntropyModel(nn.Module):

@@ -1,9 +1,10 @@
-"""Evaluation: the fixed held-out batches, the metrics over them, segmented samples, and the evaluation of a saved
-checkpoint (`evaluate_run`, behind evaluate.py). Training's periodic evaluation and evaluate.py share all of it."""
+"""Evaluation: the fixed held-out batches, the figures over them (`evaluate`: totals of the metric protocol,
+metrics.py, of what scoring.py measures), segmented samples, the evaluation of a saved checkpoint (`evaluate_run`,
+behind evaluate.py) and the code length of arbitrary texts (`TextScorer`, behind the lm-eval adapter). Training's
+periodic evaluation and evaluate.py share all of it."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import jax
@@ -13,14 +14,14 @@ from ml_collections import ConfigDict
 from ml_collections.config_flags import config_path
 
 from . import data as data_lib
-from . import tokenizer
-from .build import build
+from . import metrics, scoring, tokenizer
+from .build import Run, build
 from .checkpointing import CheckpointError, CheckpointManager
 from .config import PAD_ID, ConfigError, from_dict, validate_config
 from .data import resolve_data_config
-from .sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
+from .sharding import LOGICAL_AXIS_RULES, batch_divisor, batch_sharding, replicated
 from .steps import make_eval_step
-from .train_state import all_params
+from .train_state import TrainState, all_params
 
 
 def make_eval_batches(cfg: ConfigDict, data_cfg: ConfigDict) -> list[dict]:
@@ -35,22 +36,17 @@ def make_eval_batches(cfg: ConfigDict, data_cfg: ConfigDict) -> list[dict]:
     )
 
 
-def evaluate(eval_step, state, eval_batches, mesh) -> dict:
-    """Token-weighted mean of the eval metrics over the held-out batches (all-PAD padding rows carry no weight)."""
-    sums: dict = {}
-    weight_total = 0.0
+def evaluate(eval_step, state, eval_batches, mesh) -> dict[str, float]:
+    """Every eval figure over all the held-out batches: each batch's totals (summed over the global batch inside the
+    jitted step) are added up in float64 and divided once at the end (metrics.py). Independent of the batch size."""
     sh = batch_sharding(mesh, 2, 0)
-    for b in eval_batches:
+    params = all_params(state)
+    totals = []
+    for b in eval_batches:  # every step is dispatched before the totals are fetched, once
         ids = jax.make_array_from_process_local_data(sh, b["ids"])
         pad = jax.make_array_from_process_local_data(sh, b["mask"])
-        m = jax.device_get(eval_step(all_params(state), state.model_state, ids, pad))
-        w = float(m["level0/real_tokens"])
-        if w == 0:
-            continue
-        weight_total += w
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * w
-    return {k: v / weight_total for k, v in sums.items() if not k.endswith("/real_tokens")} if weight_total else {}
+        totals.append(eval_step(params, state.model_state, ids, pad)[0])
+    return metrics.finalize(metrics.accumulate(totals))
 
 
 def first_real_row(eval_batches):
@@ -136,15 +132,11 @@ def segmented_rows(model, state, eval_batches, mesh, n: int) -> list[str]:
     return out
 
 
-def evaluate_run(
-    workdir: str,
-    step: int | None = None,
-    data_path: str | None = None,
-    max_batches: int | None = None,
-    overrides: dict | None = None,
-    show_segments: int = 0,
-) -> tuple[dict, list[str]]:
-    """Restore `workdir`'s checkpoint and evaluate it. Returns (metrics, segmented sample rows)."""
+def saved_run_config(
+    workdir: str, step: int | None, data_path: str | None, max_batches: int | None, overrides: dict
+) -> tuple[ConfigDict, int]:
+    """(the config saved with `workdir`'s checkpoint `step` (default: the latest) with this evaluation's changes,
+    that step). Clear errors for a missing workdir, checkpoint or config."""
     if not Path(workdir).is_dir():
         raise CheckpointError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run.")
     with CheckpointManager(workdir, max_to_keep=None) as ckpt:
@@ -155,23 +147,40 @@ def evaluate_run(
         saved = ckpt.restore_config(step)
         if saved is None:
             raise CheckpointError(f"checkpoint step {step} under {ckpt.directory} was saved without its config.")
-        cfg = run_config(saved, data_path, max_batches, overrides or {})
-        data_cfg = resolve_data_config(cfg.data)
-        # Data first: a bad path fails before the model is built.
-        try:
-            eval_batches = make_eval_batches(cfg, data_cfg)
-        except ConfigError as e:
-            raise ConfigError(f"--data_path={data_path!r}: {e}" if data_path else str(e)) from e
+    return run_config(saved, data_path, max_batches, overrides), step
 
-        # The model, mesh and state template as trainer.train builds them, then the checkpoint's values.
-        run = build(cfg)
-        mesh, model, shardings = run.mesh, run.model, run.shardings
+
+def restore_state(workdir: str, step: int, cfg: ConfigDict) -> tuple[Run, TrainState]:
+    """The model, mesh and state template as train() builds them for `cfg`, with checkpoint `step`'s values."""
+    run = build(cfg)
+    with CheckpointManager(workdir, max_to_keep=None) as ckpt:
         state, _ = ckpt.restore(step, abstract_state=run.abstract_state)
-    eval_step = make_eval_step(model, mesh, shardings)
+    return run, state
+
+
+def evaluate_run(
+    workdir: str,
+    step: int | None = None,
+    data_path: str | None = None,
+    max_batches: int | None = None,
+    overrides: dict | None = None,
+    show_segments: int = 0,
+) -> tuple[dict, list[str]]:
+    """Restore `workdir`'s checkpoint and evaluate it. Returns (the JSON result, segmented sample rows)."""
+    cfg, step = saved_run_config(workdir, step, data_path, max_batches, overrides or {})
+    data_cfg = resolve_data_config(cfg.data)
+    # Data first: a bad path fails before the model is built.
+    try:
+        eval_batches = make_eval_batches(cfg, data_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"--data_path={data_path!r}: {e}" if data_path else str(e)) from e
+    run, state = restore_state(workdir, step, cfg)
+    mesh, model = run.mesh, run.model
+    eval_step = make_eval_step(model, mesh, run.shardings)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        metrics = evaluate(eval_step, state, eval_batches, mesh)
-        if not metrics:
+        figures = evaluate(eval_step, state, eval_batches, mesh)
+        if not figures.get("data/bytes"):
             raise ConfigError("the eval data holds no bytes; check --data_path / the run's data settings.")
         samples = segmented_rows(model, state, eval_batches, mesh, show_segments) if show_segments > 0 else []
 
@@ -181,10 +190,73 @@ def evaluate_run(
         "data": {
             "source": describe_eval_data(data_cfg),
             "batches": len(eval_batches),
-            "rows": int(sum(np.any(~b["mask"], axis=1).sum() for b in eval_batches)),
-            "tokens": int(sum((~b["mask"]).sum() for b in eval_batches)),
+            "rows": int(figures.pop("data/rows")),
+            "bytes": int(figures.pop("data/bytes")),
+            "documents": int(figures.pop("data/documents")),
         },
+        "bits_per_byte": figures.pop("bits_per_byte", None),
+        **scoring.describe(cfg),
     }
-    result.update(sorted(metrics.items()))
-    result["level0/code_bits_per_byte"] = metrics["level0/code_ce"] / math.log(2.0)
+    result.update(sorted(figures.items()))
     return result, samples
+
+
+class TextScorer:
+    """Code lengths (bits, scoring.py) of arbitrary texts under a model. Each text becomes `[BOS] + utf-8 bytes`
+    (`+ [EOS]` when `eos`), cut into rows of the run's sequence_length like a document; the rows of all texts are
+    scored in fixed-shape batches by the eval step (one compile) and summed per text.
+
+    `kind`: 'code' (the whole model's code length; needs a discrete top transformer) or 'entropy_model' (level 0's
+    logit entropy model as a byte LM)."""
+
+    KINDS = ("code", "entropy_model")
+
+    def __init__(self, cfg: ConfigDict, run: Run, state: TrainState, batch_size: int | None = None, kind="code"):
+        if kind not in self.KINDS:
+            raise ConfigError(f"scorer={kind!r}; choose one of {self.KINDS}.")
+        if kind == "code" and not scoring.has_code_length(cfg):
+            raise ConfigError(
+                "this run has no code length (bits_per_byte is null: "
+                + scoring.describe(cfg)["bits_per_byte_note"].removeprefix("null: ")
+                + "); use scorer=entropy_model for a run with a logit entropy model."
+            )
+        if kind == "entropy_model" and cfg.levels[0].c_entropy_model != "logit":
+            raise ConfigError("scorer=entropy_model needs levels[0].c_entropy_model='logit' (a byte LM).")
+        self.cfg, self.run, self.state, self.kind = cfg, run, state, kind
+        self.batch_size = int(batch_size or cfg.batch_size)
+        divisor = batch_divisor(run.mesh)
+        if self.batch_size % divisor:
+            raise ConfigError(f"batch_size={self.batch_size} must be a multiple of the {divisor} data-parallel devices")
+        self.eval_step = make_eval_step(run.model, run.mesh, run.shardings)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, step: int | None = None, batch_size: int | None = None, kind="code"):
+        cfg, step = saved_run_config(workdir, step, None, None, {})
+        run, state = restore_state(workdir, step, cfg)
+        return cls(cfg, run, state, batch_size, kind)
+
+    def rows(self, text: str | bytes, eos: bool) -> np.ndarray:
+        ids = tokenizer.encode(text)
+        return tokenizer.to_rows(ids if eos else ids[:-1], self.cfg.sequence_length)
+
+    def bits(self, texts: list[str | bytes], eos: bool = False) -> np.ndarray:
+        """(len(texts),) float64: the code length in bits of each text (rows coded independently, BOS given)."""
+        per_text = [self.rows(t, eos) for t in texts]
+        if not per_text:
+            return np.zeros((0,), np.float64)
+        owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(per_text)])
+        rows = np.concatenate(per_text)
+        n, b = len(rows), self.batch_size
+        rows = np.concatenate([rows, np.full((-n % b, rows.shape[1]), PAD_ID, np.int32)])
+        sh = batch_sharding(self.run.mesh, 2, 0)
+        params, model_state = all_params(self.state), self.state.model_state
+        outs = []
+        with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            for i in range(0, len(rows), b):
+                ids = jax.device_put(rows[i : i + b], sh)
+                row_bits = self.eval_step(params, model_state, ids, jax.device_put(rows[i : i + b] == PAD_ID, sh))[1]
+                outs.append(row_bits.total if self.kind == "code" else row_bits.entropy_model)
+        per_row = np.concatenate([np.asarray(x, np.float64) for x in jax.device_get(outs)])[:n]
+        out = np.zeros(len(texts), np.float64)
+        np.add.at(out, owner, per_row)
+        return out

@@ -13,6 +13,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from .scoring import score_batch
 from .sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from .train_state import TrainState, learning_rate_schedule
 
@@ -86,12 +87,13 @@ def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, sh
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, shardings: TrainState) -> Callable:
-    """jit(params, model_state, ids (B, S), mask (B, S)) -> metrics (no update of any state). `params` are all the
-    model's parameters (`all_params(state)`)."""
+    """jit(params, model_state, ids (B, S), mask (B, S)) -> (the batch's metric totals, its rows' code lengths)
+    (scoring.score_batch; no update of any state). The totals are sums over the global batch, replicated on every
+    device. `params` are all the model's parameters (`all_params(state)`)."""
 
     def step(params, model_state, ids, pad):
         with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            return _loss_fn(model, params, model_state, ids, pad)[1][0]
+            return score_batch(model, {"params": params, **model_state}, ids, pad)
 
     b2 = batch_sharding(mesh, 2, 0)
     return jax.jit(

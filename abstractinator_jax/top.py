@@ -48,8 +48,10 @@ class CodeSequenceTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, rows, valid, codes=None, codebooks=None, code_K: int = 0):
-        """rows: (B, Q, E) top-level vectors; valid: (B, Q); codes: (B, Q) composed ids (discrete)."""
+    def __call__(self, rows, valid, codes=None, codebooks=None, code_K: int = 0, outputs: bool = False):
+        """rows: (B, Q, E) top-level vectors; valid: (B, Q); codes: (B, Q) composed ids (discrete). Returns (loss,
+        metrics), and with `outputs` also the predictions at every row t of row t+1: {'pred': (B, Q, E)}
+        (continuous) or {'logits': [(B, Q, K)] per stage, 'digits': (B, Q, depth) of each row's code} (discrete)."""
         cfg = self.cfg
         b, q, e = rows.shape
         chex.assert_shape(valid, (b, q))
@@ -69,7 +71,7 @@ class CodeSequenceTransformer(nn.Module):
         target = jax.lax.stop_gradient(rows)
         if cfg.continuous:
             loss = continuous_loss(out, target, valid)
-            return loss, {"top_mse": loss}
+            return (loss, {"top_mse": loss}, {"pred": out}) if outputs else (loss, {"top_mse": loss})
         digits = CodeCodec(code_K, len(codebooks)).decompose(codes)  # (B, Q, depth)
         z = dense(codebooks[0].shape[-1], (axes.EMBED_OUT, axes.CODE), dtype=self.dtype, name="code_proj")(out)
         # stage s+1 at row t is conditioned on the teacher digits of row t+1 (the target), shifted to align with t
@@ -81,4 +83,5 @@ class CodeSequenceTransformer(nn.Module):
         for s, lg in enumerate(logits):
             match &= jnp.argmax(lg[:, :-1], axis=-1) == digits[:, 1:, s]
         acc = jnp.sum(match & pairs) / jnp.maximum(jnp.sum(pairs), 1)
-        return loss, {"top_ce": loss, "top_accuracy": acc.astype(jnp.float32)}
+        metrics = {"top_ce": loss, "top_accuracy": acc.astype(jnp.float32)}
+        return (loss, metrics, {"logits": logits, "digits": digits}) if outputs else (loss, metrics)
