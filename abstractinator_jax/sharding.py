@@ -36,6 +36,8 @@ LOGICAL_AXIS_RULES = (
     (axes.VOCAB, None),
     (axes.CODE, None),
     (axes.QUERIES, None),
+    (axes.LATENT, None),
+    (axes.RETRIEVAL, None),
 )
 
 
