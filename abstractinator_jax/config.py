@@ -190,7 +190,6 @@ def base_config() -> ConfigDict:
     c.eval_batches = 8
     c.checkpoint_interval = 1000
     c.max_checkpoints_to_keep = 3
-    c.sample_text = "Once upon a time, there was a little girl named Lily."
     c.progress_bar = True
     c.data = data_defaults()
     return c
@@ -219,6 +218,7 @@ REMOVED_KEYS = {
         "propagate_key_padding_mask": "the padding mask is always used (the original's False feeds PAD to the model as "
         "content)",
         "param_dtype": "parameters are always float32 (dtype sets the compute dtype)",
+        "sample_text": "nothing reads it (the TensorBoard sample is the first held-out row)",
     },
     "levels": {
         "eos_id": "level 0's ids are the tokenizer's fixed specials (config.BOS_ID, EOS_ID, PAD_ID, EOP_ID)",

@@ -42,6 +42,24 @@ def _cpu_patches():
     rope.RoPECache.__init__ = cpu_init
 
 
+def _dense_attention_patch():
+    """Switch the original's MLA and pooling attention from flex_attention to its own dense fallback (torch has no
+    flex_attention backward on CPU in eager mode). Same FLOPs as a dense mask, but note: at e38a88d the fallback
+    masks the keys the block mask keeps and indexes the PAD mask with a scalar, so the loss it trains is not the
+    original's; use it for timing only."""
+    import components.learned_query_attention as lqa
+    import components.mla as mla
+
+    for cls in (mla.MultiheadLatentAttention, lqa.LearnedQueryAttention):
+        init = cls.__init__
+
+        def no_flex(self, *args, _init=init, **kwargs):
+            kwargs["use_flex_attention"] = False
+            _init(self, *args, **kwargs)
+
+        cls.__init__ = no_flex
+
+
 def build(cfg: dict):
     """(pyramid, top transformer or None) of the original, sized by our config dict."""
     from components.abstractinator_pyramid import AbstractinatorPyramid
@@ -125,10 +143,18 @@ def main():
     ap.add_argument("--config-json", required=True)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model, as the original's train.py does")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument(
+        "--attention",
+        choices=("flex", "dense"),
+        default="flex",
+        help="the original's attention kernels: flex_attention (its default) or its dense fallback (timing only)",
+    )
     args = ap.parse_args()
     sys.path.insert(0, os.path.abspath(args.original))
     torch.set_num_threads(args.threads)
     _cpu_patches()
+    if args.attention == "dense":
+        _dense_attention_patch()
     with open(args.config_json) as f:
         cfg = json.load(f)
     torch.manual_seed(cfg.get("seed", 0))

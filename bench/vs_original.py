@@ -110,7 +110,7 @@ def setup(args) -> None:
 class OriginalSide:
     """The original's model in the torch venv, driven over stdin/stdout (bench/original_side.py)."""
 
-    def __init__(self, cfg_dict: dict, torch_compile: bool, threads: int | None):
+    def __init__(self, cfg_dict: dict, torch_compile: bool, threads: int | None, attention: str):
         if not (VENV / "bin" / "python").exists() or not ORIGINAL.is_dir():
             sys.exit("error: no benchmark environment; run python bench/vs_original.py --setup first.")
         self.tmp = tempfile.mkdtemp()
@@ -118,7 +118,7 @@ class OriginalSide:
         with open(cfg_path, "w") as f:
             json.dump(cfg_dict, f)
         cmd = [str(VENV / "bin" / "python"), str(ROOT / "bench" / "original_side.py"), "--original", str(ORIGINAL)]
-        cmd += ["--config-json", cfg_path] + (["--compile"] if torch_compile else [])
+        cmd += ["--config-json", cfg_path, "--attention", attention] + (["--compile"] if torch_compile else [])
         if threads:
             cmd += ["--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -169,7 +169,7 @@ def run(args) -> dict:
     ids_path = os.path.join(tempfile.mkdtemp(), "ids.npy")
     np.save(ids_path, ids)
 
-    theirs = OriginalSide(to_dict(cfg), args.torch_compile, args.threads)
+    theirs = OriginalSide(to_dict(cfg), args.torch_compile, args.threads, args.original_attention)
     mesh = make_mesh(cfg.mesh)
     model = AbstractinatorPyramid(cfg)
     opt = train_state.make_optimizer(cfg)
@@ -209,6 +209,7 @@ def run(args) -> dict:
         "torch": theirs.info.get("torch"),
         "torch_threads": theirs.info.get("threads"),
         "torch_compile": args.torch_compile,
+        "original_attention": args.original_attention,
         "ours_step_s": round(ours_s, 4),
         "original_step_s": round(theirs_s, 4),
         "ours_bytes_per_s": round(n_bytes / ours_s, 1),
@@ -235,6 +236,13 @@ def main():
     ap.add_argument("--steps_per_round", type=int, default=2)
     ap.add_argument("--torch_compile", action="store_true", help="torch.compile the original (as its train.py)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument(
+        "--original_attention",
+        choices=("flex", "dense"),
+        default="flex",
+        help="flex (the original's kernels; on CPU torch has no eager flex_attention backward) or dense (its "
+        "fallback: timing only, see bench/original_side.py)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.setup:

@@ -39,5 +39,4 @@ def get_config():
     c.warmup_steps = 100
     c.eval_interval = 100
     c.checkpoint_interval = 100
-    c.sample_text = "Once upon a time, in a land far, far away,"
     return c

@@ -25,5 +25,4 @@ def get_config():
     c.batch_size = 8
     c.gradient_accumulation_steps = 8  # 64 rows per optimizer step, as the original
     c.warmup_steps = 100
-    c.sample_text = "Once upon a time, in a land far, far away,"
     return c

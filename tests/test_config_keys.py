@@ -55,7 +55,7 @@ def _mha_era_saved_config(cfg) -> dict:
     """`cfg` as a checkpoint saved before this version would hold it: standard attention, the removed keys, no
     top attention_type."""
     d = to_dict(cfg)
-    d.update(aux_lm_loss_weight=0.1, propagate_key_padding_mask=True, param_dtype="float32")
+    d.update(aux_lm_loss_weight=0.1, propagate_key_padding_mask=True, param_dtype="float32", sample_text="Once")
     for lv in d["levels"]:
         lv.update(attention_type="mha", eos_id=257, bos_id=256, pad_id=258, eop_id=259, d_max_len=1024)
         lv.update(d_predict_specials=False, w_special_ce=1.0)
