@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 
 from . import axes
 from .layers import apply_rope, constrain, kernel_init, token_matmul
@@ -249,16 +250,41 @@ def fan_in_uniform(scale: float = 1.0):
     return init
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
+class Prefill:
+    """Asks a self-attention to return, with its full forward pass over a prompt, the cache the prompt leaves.
+    `max_len` is the capacity of full causal layers (sliding-window layers keep `window` slots)."""
+
+    max_len: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
 class LatentCache:
     """Decode cache of one latent self-attention: per token the latent (C) and the RoPE'd per-head keys (N x R),
-    never full keys and values. Fixed size `max_len`; `length` tokens (the same for every row) are filled."""
+    never full keys and values. Position p lives in slot p % capacity (a ring of `window` slots for a sliding
+    window, `max_len` for full causal)."""
 
-    kv_c: jax.Array  # (B, L, C)
-    k_r: jax.Array  # (B, L, N, R) RoPE applied at its absolute position
-    key_pad: jax.Array  # (B, L) bool, True at PAD and at unfilled slots
-    length: jax.Array  # () int32, tokens written so far
+    kv_c: jax.Array  # (B, slots, C)
+    k_r: jax.Array  # (B, slots, N, R), RoPE applied at each key's own position
+    valid: jax.Array  # (B, slots) bool: the slot holds a real (non-PAD) key
+
+
+def prefix_lengths(key_pad: jax.Array) -> jax.Array:
+    """(B, T) -> (B,) one past each row's last non-PAD position: where decoding continues (0 for all-PAD rows)."""
+    t = key_pad.shape[1]
+    return jnp.max(jnp.where(~key_pad, jnp.arange(1, t + 1)[None], 0), axis=1).astype(jnp.int32)
+
+
+def _ring_from_prefix(kv_c, k_r, key_pad, capacity: int) -> LatentCache:
+    """The cache after a prompt: slot s holds the latest position p < length with p % capacity == s."""
+    b, t = key_pad.shape
+    length = prefix_lengths(key_pad)[:, None]  # (B, 1)
+    s = jnp.arange(capacity)[None, :]
+    p = length - 1 - jnp.mod(length - 1 - s, capacity)  # (B, slots)
+    pc = jnp.clip(p, 0, t - 1)
+    take = jax.vmap(lambda x, i: x[i])
+    valid = (p >= 0) & (p < t) & ~jnp.take_along_axis(key_pad, pc, axis=1)
+    return LatentCache(kv_c=take(kv_c, pc), k_r=take(k_r, pc), valid=valid)
 
 
 class LatentSelfAttention(nn.Module):
@@ -334,8 +360,16 @@ class LatentSelfAttention(nn.Module):
 
     # -- training / full-sequence forward -----------------------------------------------------------------------
 
-    def __call__(self, x, key_pad, positions):  # (B, T, D), (B, T), (T,) | (B, T) -> (B, T, D)
-        return self._forward(x, key_pad, positions)[0]
+    def __call__(self, x, key_pad, positions, cache=None):
+        """cache=None: the full forward pass, x (B, T, D), positions (T,) | (B, T) -> (B, T, D).
+        cache=Prefill(max_len): the same, plus the LatentCache the prompt leaves -> ((B, T, D), LatentCache).
+        cache=<LatentCache>: one decoding step, x (B, 1, D), key_pad (B, 1), positions (B,) -> ((B, 1, D), cache)."""
+        if isinstance(cache, LatentCache):
+            return self._step(x, key_pad, positions, cache)
+        out, kv_c, k_r = self._forward(x, key_pad, positions)
+        if isinstance(cache, Prefill):
+            return out, _ring_from_prefix(kv_c, k_r, key_pad, self.window if self.window > 0 else cache.max_len)
+        return out
 
     def _forward(self, x, key_pad, positions):  # -> out (B, T, D), kv_c (B, T, C), k_r (B, T, N, R)
         q_r = apply_rope(self._queries(x), positions)
@@ -350,37 +384,20 @@ class LatentSelfAttention(nn.Module):
 
     # -- decoding with a cache ----------------------------------------------------------------------------------
 
-    def prefill(self, x, key_pad, max_len: int):
-        """The forward over a prompt (B, T, D) and a cache of `max_len` slots holding its T tokens."""
-        t = x.shape[1]
-        out, kv_c, k_r = self._forward(x, key_pad, jnp.arange(t))
-        fill = ((0, 0), (0, max_len - t))
+    def _step(self, x, key_pad, positions, cache: LatentCache):
+        """Write the new token's latent and keys at slot positions % slots, then attend over the valid slots (a ring
+        of `window` slots holds exactly the keys a sliding-window query may see)."""
+        pos = positions[:, None]  # (B, 1)
+        q_r = apply_rope(self._queries(x), pos)
+        kv_c, k_r = self._latent(x, key_pad, pos)
+        rows = jnp.arange(x.shape[0])
+        slot = jnp.mod(positions, cache.valid.shape[1])
         cache = LatentCache(
-            kv_c=jnp.pad(kv_c, (*fill, (0, 0))),
-            k_r=jnp.pad(k_r, (*fill, (0, 0), (0, 0))),
-            key_pad=jnp.pad(key_pad, fill, constant_values=True),
-            length=jnp.asarray(t, jnp.int32),
+            kv_c=cache.kv_c.at[rows, slot].set(kv_c[:, 0].astype(cache.kv_c.dtype)),
+            k_r=cache.k_r.at[rows, slot].set(k_r[:, 0].astype(cache.k_r.dtype)),
+            valid=cache.valid.at[rows, slot].set(~key_pad[:, 0]),
         )
-        return out, cache
-
-    def step(self, x, key_pad, cache: LatentCache):
-        """One new token per row, x: (B, 1, D) at position `cache.length`; key_pad: (B, 1). Returns its output
-        (B, 1, D) and the cache with the token written. Same masks as the forward: causal, window, never PAD."""
-        pos = cache.length
-        q_r = apply_rope(self._queries(x), pos[None])
-        kv_c, k_r = self._latent(x, key_pad, pos[None])
-        cache = LatentCache(
-            kv_c=jax.lax.dynamic_update_slice(cache.kv_c, kv_c.astype(cache.kv_c.dtype), (0, pos, 0)),
-            k_r=jax.lax.dynamic_update_slice(cache.k_r, k_r.astype(cache.k_r.dtype), (0, pos, 0, 0)),
-            key_pad=jax.lax.dynamic_update_slice(cache.key_pad, key_pad, (0, pos)),
-            length=pos + 1,
-        )
-        j = jnp.arange(cache.key_pad.shape[1])
-        visible = j <= pos
-        if self.window > 0:
-            visible &= j > pos - self.window
-        mask = (visible[None] & ~cache.key_pad)[:, None, None, :]  # (B, 1, 1, L)
-        ctx = _xla_attention(q_r, cache.k_r, cache.kv_c[:, :, None, :], mask)
+        ctx = _xla_attention(q_r, cache.k_r, cache.kv_c[:, :, None, :], cache.valid[:, None, None, :])
         return self._output(ctx), cache
 
 

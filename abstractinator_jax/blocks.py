@@ -11,7 +11,7 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from . import axes
-from .attention import AttentionSpec, SegmentCrossAttention, self_attention
+from .attention import AttentionSpec, Prefill, SegmentCrossAttention, self_attention
 from .config import compressor_mla_dims, expander_mla_dims, top_mla_dims
 from .layers import SwiGLU, constrain, rms_norm
 
@@ -40,8 +40,8 @@ def top_attention(top: ConfigDict) -> AttentionSpec:
 class TransformerBlock(nn.Module):
     """RMSNorm -> causal self-attention (sliding window when window > 0) -> residual; RMSNorm -> SwiGLU -> residual.
 
-    With latent attention, `prefill` and `step` run the block over a prompt and then one token at a time through
-    the attention's decode cache (attention.LatentCache)."""
+    With latent attention, `prefill` and `step` run the block over a prompt and then one token per row at a time
+    (at per-row positions) through the attention's decode cache (attention.LatentCache)."""
 
     features: int  # D
     num_heads: int
@@ -71,12 +71,12 @@ class TransformerBlock(nn.Module):
             raise NotImplementedError("prefill/step caches are built for latent attention ('mla') here.")
         return self.attn
 
-    def prefill(self, x, key_pad, max_len: int):  # (B, T, D) -> (B, T, D), LatentCache
-        out, cache = self._latent().prefill(self.attn_norm(x), key_pad, max_len)
+    def prefill(self, x, key_pad, max_len: int):  # (B, T, D), (B, T) -> (B, T, D), LatentCache
+        out, cache = self._latent()(self.attn_norm(x), key_pad, jnp.arange(x.shape[1]), Prefill(max_len))
         return self._ffn(x + out), cache
 
-    def step(self, x, key_pad, cache):  # (B, 1, D), (B, 1) -> (B, 1, D), LatentCache
-        out, cache = self._latent().step(self.attn_norm(x), key_pad, cache)
+    def step(self, x, key_pad, positions, cache):  # (B, 1, D), (B, 1), (B,) -> (B, 1, D), LatentCache
+        out, cache = self._latent()(self.attn_norm(x), key_pad, positions, cache)
         return self._ffn(x + out), cache
 
 

@@ -127,24 +127,36 @@ def test_mla_parameters_are_the_originals():
 
 @pytest.mark.parametrize("window", [0, 4])
 def test_cache_prefill_and_steps_match_the_forward(window):
-    """A block over a prompt of 5 tokens, then 7 tokens one at a time through the latent cache, equals the block over
-    all 12 at once (including a PAD token inside the prompt)."""
+    """A block over a prompt, then one token per row at a time through the latent cache (a ring of `window` slots,
+    or 12 for full causal), equals the block over all 12 tokens at once. Row 0's prompt has 5 tokens, row 1's 3
+    (then PAD, so it continues from position 3) with a PAD token inside it."""
     d, t, t0 = 32, 12, 5
     spec = AttentionSpec("mla", head_dim=8, kv_comp_dim=8, q_comp_dim=8, retr_dim=8, mix=window == 0)
     block = TransformerBlock(features=d, num_heads=4, window=window, attention=spec)
     x = jax.random.normal(jax.random.key(2), (2, t, d))
     pad = np.zeros((2, t), bool)
-    pad[1, 2] = True
-    pad = jnp.asarray(pad)
-    variables = jax.jit(block.init)(jax.random.key(3), x, pad, jnp.arange(t))
-    full = jax.jit(block.apply)(variables, x, pad, jnp.arange(t))
+    pad[1, 1] = True
+    variables = jax.jit(block.init)(jax.random.key(3), x, jnp.asarray(pad), jnp.arange(t))
+    full = np.asarray(jax.jit(block.apply)(variables, x, jnp.asarray(pad), jnp.arange(t)))
 
+    prompt_pad = pad[:, :t0].copy()
+    prompt_pad[1, 3:] = True  # row 1's prompt ends at 3
     prefill = jax.jit(lambda v, x, m: block.apply(v, x, m, t, method=TransformerBlock.prefill))
-    step = jax.jit(lambda v, x, m, c: block.apply(v, x, m, c, method=TransformerBlock.step))
-    out, cache = prefill(variables, x[:, :t0], pad[:, :t0])
-    outs = [out]
-    for i in range(t0, t):
-        o, cache = step(variables, x[:, i : i + 1], pad[:, i : i + 1], cache)
-        outs.append(o)
-    assert cache.kv_c.shape == (2, t, 8) and cache.k_r.shape == (2, t, 4, 8)  # the latent, not full keys/values
-    np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(full), rtol=1e-5, atol=1e-5)
+    step = jax.jit(lambda v, x, m, p, c: block.apply(v, x, m, p, c, method=TransformerBlock.step))
+    out, cache = prefill(variables, x[:, :t0], jnp.asarray(prompt_pad))
+    np.testing.assert_allclose(np.asarray(out)[0], full[0, :t0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out)[1, :3], full[1, :3], rtol=1e-5, atol=1e-5)
+    slots = window or t
+    assert cache.kv_c.shape == (2, slots, 8) and cache.k_r.shape == (2, slots, 4, 8)  # the latent, not k and v
+    pos = np.array([t0, 3])
+    got = {0: [], 1: []}
+    while pos.min() < t:
+        p = np.minimum(pos, t - 1)
+        xs = x[jnp.arange(2), p][:, None]
+        o, cache = step(variables, xs, jnp.asarray(pad[np.arange(2), p][:, None]), jnp.asarray(p, jnp.int32), cache)
+        for r in range(2):
+            if pos[r] < t:
+                got[r].append(np.asarray(o)[r, 0])
+        pos = pos + 1
+    np.testing.assert_allclose(np.stack(got[0]), full[0, t0:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.stack(got[1]), full[1, 3:], rtol=1e-5, atol=1e-5)
