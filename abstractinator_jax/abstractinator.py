@@ -15,6 +15,7 @@ from ml_collections import ConfigDict
 from . import axes
 from .codes import CodeCodec
 from .compressor import CompressorOutput, SegmentCompressor
+from .config import EOS_ID
 from .expander import Expander
 from .layers import constrain, dense, kernel_init
 from .losses import masked_cross_entropy
@@ -52,7 +53,7 @@ class AbstractinatorLevel(nn.Module):
                 kernel_init(axes.VOCAB, axes.EMBED, init=nn.initializers.normal(1.0)),
                 (cfg.vocab_size, cfg.D),
             )
-            vocab, start, code_K = cfg.vocab_size, cfg.eos_id, cfg.vocab_size
+            vocab, start, code_K = cfg.vocab_size, EOS_ID, cfg.vocab_size
         else:
             if self.lo_D != cfg.D:
                 self.in_proj = dense(cfg.D, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="in_proj")

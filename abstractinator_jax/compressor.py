@@ -14,7 +14,7 @@ from flax import struct
 from ml_collections import ConfigDict
 
 from . import axes
-from .blocks import TransformerBlock
+from .blocks import TransformerBlock, compressor_attention
 from .config import num_compression_layers, num_lm_layers
 from .layers import constrain, dense, kernel_init, rms_norm, token_matmul
 from .losses import masked_mean, token_nll
@@ -47,8 +47,10 @@ class CompressorOutput:
 def _stack(cfg, n_layers, window, impl, dtype, name):
     return [
         TransformerBlock(
+            features=cfg.D,
             num_heads=cfg.c_heads,
             window=window,
+            attention=compressor_attention(cfg),
             ffn_mult=cfg.ffn_mult,
             implementation=impl,
             dtype=dtype,

@@ -13,7 +13,7 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from . import axes
-from .blocks import DecoderBlock
+from .blocks import DecoderBlock, expander_attention
 from .codes import CodeCodec, residual_code_logits
 from .layers import kernel_init, rms_norm
 
@@ -97,6 +97,7 @@ class Expander(nn.Module):
                 num_heads=cfg.d_heads,
                 window=cfg.d_window,
                 cross_window=cfg.d_cross_window,
+                attention=expander_attention(cfg),
                 rows_per_segment=cfg.c_num_queries,
                 ffn_mult=cfg.ffn_mult,
                 implementation=self.implementation,

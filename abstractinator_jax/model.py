@@ -85,12 +85,13 @@ class AbstractinatorPyramid(nn.Module):
         return total, metrics, comp
 
     def _top(self, comp: CompressorOutput):
-        top_cfg = self.config.top_transformer_config
-        if top_cfg.continuous:
+        """The top loss, weighted by top_lm_mse_weight (continuous) or top_lm_ce_weight (codes), and its metrics."""
+        cfg = self.config
+        if cfg.top_transformer_config.continuous:
             loss, m = self.top(comp.quantized, comp.valid_mask)
-            return top_cfg.mse_weight * loss, m
-        loss, m = self.top(comp.quantized, comp.valid_mask, comp.codes, comp.codebooks, self.config.levels[-1].c_vq_K)
-        return top_cfg.ce_weight * loss, m
+            return cfg.top_lm_mse_weight * loss, m
+        loss, m = self.top(comp.quantized, comp.valid_mask, comp.codes, comp.codebooks, cfg.levels[-1].c_vq_K)
+        return cfg.top_lm_ce_weight * loss, m
 
     def _stage2(self, ids, key_pad):
         """The frozen pyramid compresses (no gradient, no state update); the top transformer learns its rows."""

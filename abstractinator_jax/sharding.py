@@ -39,6 +39,8 @@ LOGICAL_AXIS_RULES = (
     (axes.VOCAB, "fsdp"),
     (axes.CODE, "fsdp"),
     (axes.QUERIES, None),
+    (axes.LATENT, None),
+    (axes.RETRIEVAL, None),
 )
 
 

@@ -11,7 +11,7 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from . import axes
-from .blocks import TransformerBlock
+from .blocks import TransformerBlock, top_attention
 from .codes import CodeCodec, residual_code_logits
 from .layers import dense, rms_norm
 from .losses import masked_cross_entropy
@@ -59,8 +59,10 @@ class CodeSequenceTransformer(nn.Module):
         positions = jnp.arange(q)
         for i in range(cfg.num_layers):
             h = TransformerBlock(
+                features=cfg.dim,
                 num_heads=cfg.num_heads,
                 window=0,
+                attention=top_attention(cfg),
                 ffn_mult=cfg.ffn_dim_multiplier,
                 implementation=self.implementation,
                 dtype=self.dtype,

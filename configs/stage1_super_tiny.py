@@ -23,7 +23,6 @@ def configure_levels(c):
     lv.c_vq_decay = 0.99  # EMA decay (the original: 0.999 at batch 64)
     lv.c_vq_reset_interval = 50  # the original: 250 at batch 64; codes are used ~8x less often at batch 8
     lv.d_layers = 1  # expander blocks
-    lv.d_max_len = 1024  # the original's value (not used by this port yet; kept so saved configs compare equal)
 
     top = c.top_transformer_config
     top.embed_dim = 128  # = levels[0].D
@@ -36,10 +35,8 @@ def get_config():
     c = base_config()
     c.run_name = "stage1_super_tiny"
     configure_levels(c)
-    c.aux_lm_loss_weight = 0.1
     c.batch_size = 8  # the original: 64 (on a GPU: --config.batch_size=64)
     c.warmup_steps = 100
     c.eval_interval = 100
     c.checkpoint_interval = 100
-    c.sample_text = "Once upon a time, in a land far, far away,"
     return c

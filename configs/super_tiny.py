@@ -15,7 +15,6 @@ def get_config():
     lv.c_output_length = 512  # segment slots per row
     lv.c_vq_d_c = 128  # code width, used once a quantizer is switched on (c_vq_K > 0)
     lv.d_layers = 2  # expander blocks
-    lv.d_max_len = 1024  # the original's value (not used by this port yet; kept so saved configs compare equal)
 
     top = c.top_transformer_config
     top.embed_dim = 256  # = levels[0].D
@@ -26,5 +25,4 @@ def get_config():
     c.batch_size = 8
     c.gradient_accumulation_steps = 8  # 64 rows per optimizer step, as the original
     c.warmup_steps = 100
-    c.sample_text = "Once upon a time, in a land far, far away,"
     return c

@@ -19,7 +19,6 @@ def get_config():
     lv.c_output_length = 512  # segment slots per row
     lv.c_vq_d_c = 64  # code width, used once a quantizer is switched on (c_vq_K > 0)
     lv.d_layers = 4  # expander blocks
-    lv.d_max_len = 1024  # the original's value (not used by this port yet; kept so saved configs compare equal)
 
     top = c.top_transformer_config  # trained with --config.use_top_code_lm=True (stage 1) or in stage 2
     top.embed_dim = 128  # = levels[0].D
@@ -33,5 +32,4 @@ def get_config():
     c.warmup_steps = 100
     c.eval_interval = 100
     c.checkpoint_interval = 100
-    c.sample_text = "Once upon a time, in a land far, far away,"
     return c

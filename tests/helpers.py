@@ -26,6 +26,8 @@ def tiny_config(seq_len: int = 64, batch_size: int = 4):
     lv.d_layers = 1
     lv.c_output_length = 32
     lv.d_lo_d_c = 16
+    # latent attention (the default) sized for D=32: the defaults (64, 64, 128, 32) would cost more than the model
+    lv.c_head_dim, lv.c_kv_comp_dim, lv.c_q_comp_dim, lv.c_retr_dim = 16, 16, 16, 8
     cfg.sequence_length = seq_len
     cfg.batch_size = batch_size
     cfg.warmup_steps = 10
