@@ -18,6 +18,7 @@ from .build import build
 from .checkpointing import CheckpointError, CheckpointManager
 from .config import PAD_ID, ConfigError, from_dict, validate_config
 from .data import resolve_data_config
+from .recovery import restore_checked
 from .sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from .steps import make_eval_step
 from .train_state import all_params
@@ -153,7 +154,7 @@ def evaluate_run(
         # The model, mesh and state template as trainer.train builds them, then the checkpoint's values.
         run = build(cfg)
         mesh, model, shardings = run.mesh, run.model, run.shardings
-        state, _ = ckpt.restore(step, abstract_state=run.abstract_state)
+        state = restore_checked(ckpt, step, run.abstract_state)  # damaged or non-finite: CheckpointDamaged
     eval_step = make_eval_step(model, mesh, shardings)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
