@@ -24,10 +24,11 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from abstractinator_jax.checkpointing import CheckpointError
+from abstractinator_jax.checkpointing import CheckpointDamaged, CheckpointError
 from abstractinator_jax.cli import fail
 from abstractinator_jax.config import ConfigError, base_config, unknown_overrides
 from abstractinator_jax.evaluation import evaluate_run
+from abstractinator_jax.recovery import intact_steps
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate. Default: the latest.")
@@ -60,6 +61,10 @@ def main(argv):
         result, samples = evaluate_run(
             _WORKDIR.value, _STEP.value, _DATA_PATH.value, _MAX_BATCHES.value, overrides, _SHOW_SEGMENTS.value
         )
+    except CheckpointDamaged as e:
+        intact = intact_steps(_WORKDIR.value, exclude=(e.step,))
+        hint = f" (evaluate one with --step {intact[-1]})." if intact else "."
+        fail(f"{e}. Intact steps: {intact or 'none'}{hint}")
     except (ConfigError, CheckpointError) as e:
         fail(str(e))
     line = json.dumps(result)

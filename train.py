@@ -4,7 +4,12 @@ r"""Train an Abstractinator.
     python train.py --config configs/tiny.py \
         --config.data.path=../shared/data/tinystories_train.txt --config.max_steps=300
 
-A second run with the same --workdir resumes from its latest checkpoint. TensorBoard: `tensorboard --logdir <workdir>`.
+A second run with the same --workdir resumes from its latest intact checkpoint. TensorBoard: `tensorboard --logdir
+<workdir>`. SIGTERM or Ctrl-C finishes the current step and writes a checkpoint (a second Ctrl-C exits at once).
+
+Exit status: 0 done; 2 a problem to fix (config, data, workdir, checkpoint; one `error:` line); 3 training diverged
+(too many skipped steps; lower the learning rate and rerun); 75 stopped by a signal after writing a checkpoint (rerun
+the same command to resume); 130 a second Ctrl-C. See RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from ml_collections import config_flags
 from abstractinator_jax.checkpointing import CheckpointError
 from abstractinator_jax.cli import check_config_args, fail
 from abstractinator_jax.config import ConfigError
+from abstractinator_jax.guard import TrainingDiverged
+from abstractinator_jax.preemption import EXIT_PREEMPTED, Preemption
+
+EXIT_DIVERGED = 3
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file under configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard). Default: runs/<run_name>.")
@@ -51,9 +60,19 @@ def main(argv):
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("abstractinator_jax").setLevel(logging.INFO)
     try:
-        result = train(cfg, workdir)
+        with Preemption() as preemption:  # from before the model is built: a signal during compilation counts too
+            result = train(cfg, workdir, preemption=preemption)
     except (ConfigError, CheckpointError) as e:
         fail(str(e))
+    except TrainingDiverged as e:
+        fail(str(e), code=EXIT_DIVERGED)
+    if result["preempted"]:
+        print(
+            f"stopped by {result['preempted']} at step {result['step']}: checkpoint written to {workdir}/checkpoints; "
+            "rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_PREEMPTED)
     print(f"done: step {result['step']}, workdir {workdir}")
     for k in (
         "bits_per_byte",

@@ -177,6 +177,9 @@ def base_config() -> ConfigDict:
     c.adam_b2 = 0.95
     c.gradient_clip_norm = 1.0
     c.gradient_accumulation_steps = 1
+    # Step guard (guard.py): a step with a non-finite loss/gradient is skipped; this many skips in a row stop the run.
+    c.max_consecutive_skipped_steps = 10
+    c.loss_spike_factor = 0.0  # > 1: also skip a step whose loss exceeds this x the running mean loss; 0 = off
     c.batch_size = 16  # rows per micro-batch (global, over all devices)
     c.sequence_length = 1024
     c.max_steps = 10000
@@ -450,6 +453,7 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
             "log_interval",
             "eval_interval",
             "checkpoint_interval",
+            "max_consecutive_skipped_steps",
         ):
             if cfg[key] < 1:
                 problems.append(f"{key}={cfg[key]} must be >= 1.")
@@ -457,6 +461,11 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
             problems.append("sequence_length must be >= 2 (BOS + at least one byte).")
         if cfg.warmup_steps < 0:
             problems.append(f"warmup_steps={cfg.warmup_steps} must be >= 0.")
+        if not (cfg.loss_spike_factor == 0 or cfg.loss_spike_factor > 1):
+            problems.append(
+                f"loss_spike_factor={cfg.loss_spike_factor} must be 0 (off) or > 1 (skip a step whose loss exceeds "
+                "this many times the running mean)."
+            )
         if cfg.min_lr > cfg.learning_rate:
             problems.append(f"min_lr={cfg.min_lr} exceeds learning_rate={cfg.learning_rate}.")
         for i, lv in enumerate(cfg.levels):

@@ -19,6 +19,7 @@ from .build import Run, build
 from .checkpointing import CheckpointError, CheckpointManager
 from .config import PAD_ID, ConfigError, from_dict, validate_config
 from .data import resolve_data_config
+from .recovery import restore_checked
 from .sharding import LOGICAL_AXIS_RULES, batch_divisor, batch_sharding, replicated
 from .steps import make_eval_step
 from .train_state import TrainState, all_params
@@ -154,7 +155,7 @@ def restore_state(workdir: str, step: int, cfg: ConfigDict) -> tuple[Run, TrainS
     """The model, mesh and state template as train() builds them for `cfg`, with checkpoint `step`'s values."""
     run = build(cfg)
     with CheckpointManager(workdir, max_to_keep=None) as ckpt:
-        state, _ = ckpt.restore(step, abstract_state=run.abstract_state)
+        state = restore_checked(ckpt, step, run.abstract_state)  # damaged or non-finite: CheckpointDamaged
     return run, state
 
 
