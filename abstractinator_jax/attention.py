@@ -8,13 +8,21 @@ Kernels (pure functions, inputs (B, T, N, H), `key_pad` True at PAD):
   - `segment_cross_attention`: each query sees a small per-query set of memory rows (the rows of its own segment and
     `lookback` segments before it), gathered so that cost is linear in S.
 A query that may see no key at all (PAD queries, empty rows) gets a zero output, never NaN.
+
+Decoding (generation) keeps each self-attention's keys and values in a fixed-size `KVCache`: position p lives in slot
+p % C, so a sliding-window layer needs only C = window slots (a ring buffer) and a full causal layer C = the longest
+sequence it will see. `SelfAttention` fills one from a prompt (`cache=Prefill(max_len)`, the ordinary linear-time
+forward pass plus a gather) and advances it one token at a time (`cache=<KVCache>`); both give the same outputs as the
+full forward pass at every position.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 
 from . import axes
 from .layers import apply_rope, constrain, kernel_init, token_matmul
@@ -102,23 +110,100 @@ def sliding_window_attention(q, k, v, key_pad, *, window: int, implementation: s
     return out.reshape(b, nb * c, n, h)[:, :t]
 
 
+def visible_rows(q_row, row_valid, num_rows_visible: int):
+    """The memory rows each query may see: (rows (B, T, C) clipped indices, oldest first; visible (B, T, C) bool).
+    Query t sees rows q_row[t] - C + 1 .. q_row[t] that exist and are valid."""
+    rows = q_row[:, :, None] - jnp.arange(num_rows_visible)[None, None, ::-1]  # (B, T, C)
+    in_range = (rows >= 0) & (rows < row_valid.shape[1])
+    rows_c = jnp.clip(rows, 0, row_valid.shape[1] - 1)
+    visible = in_range & jnp.take_along_axis(row_valid[:, None, :], rows_c, axis=2)  # (B, T, C)
+    return rows_c, visible
+
+
+def gathered_attention(q, kg, vg, visible):
+    """Each query attends to its own small set of keys. q: (B, T, N, H); kg, vg: (B, T, C, N, H); visible (B, T, C)."""
+    b, t, n, h = q.shape
+    c = kg.shape[2]
+    out = _xla_attention(
+        q.reshape(b * t, 1, n, h),
+        kg.reshape(b * t, c, n, h),
+        vg.reshape(b * t, c, n, h),
+        visible.reshape(b * t, 1, 1, c),
+    )
+    return out.reshape(b, t, n, h)
+
+
 def segment_cross_attention(q, k, v, q_row, row_valid, *, num_rows_visible: int):
     """Each query attends to memory rows q_row - num_rows_visible + 1 .. q_row that are valid.
 
     q: (B, T, N, H); k, v: (B, R, N, H) (RoPE already applied); q_row: (B, T) int, the last row query t may see;
     row_valid: (B, R) bool. Cost O(T * num_rows_visible): the visible rows are gathered per query.
     """
-    b, t, n, h = q.shape
-    c = num_rows_visible
-    rows = q_row[:, :, None] - jnp.arange(c)[None, None, ::-1]  # (B, T, C), oldest first
-    in_range = (rows >= 0) & (rows < k.shape[1])
-    rows_c = jnp.clip(rows, 0, k.shape[1] - 1)
-    visible = in_range & jnp.take_along_axis(row_valid[:, None, :], rows_c, axis=2)  # (B, T, C)
+    rows_c, visible = visible_rows(q_row, row_valid, num_rows_visible)
     gather = jax.vmap(lambda x, idx: x[idx])  # (R, N, H), (T, C) -> (T, C, N, H)
-    kg = gather(k, rows_c).reshape(b * t, c, n, h)
-    vg = gather(v, rows_c).reshape(b * t, c, n, h)
-    out = _xla_attention(q.reshape(b * t, 1, n, h), kg, vg, visible.reshape(b * t, 1, 1, c))
-    return out.reshape(b, t, n, h)
+    return gathered_attention(q, gather(k, rows_c), gather(v, rows_c), visible)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding caches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of one self-attention layer while decoding; position p lives in slot p % C."""
+
+    k: jax.Array  # (B, C, N, H), RoPE applied at each key's own position
+    v: jax.Array  # (B, C, N, H)
+    valid: jax.Array  # (B, C) bool: the slot holds a real (non-PAD) key
+
+
+@struct.dataclass
+class Prefill:
+    """Asks a self-attention (or a block or stack of them) to return its cache along with the full forward pass.
+    `max_len` is the capacity of full causal layers (sliding-window layers keep `window` slots)."""
+
+    max_len: int = struct.field(pytree_node=False)
+
+
+def prefix_lengths(key_pad: jax.Array) -> jax.Array:
+    """(B, T) -> (B,) one past each row's last non-PAD position: where decoding continues (0 for all-PAD rows)."""
+    t = key_pad.shape[1]
+    return jnp.max(jnp.where(~key_pad, jnp.arange(1, t + 1)[None], 0), axis=1).astype(jnp.int32)
+
+
+def kv_cache_from_prefix(k, v, key_pad, capacity: int) -> KVCache:
+    """The cache after the prefix k, v: (B, T, N, H), key_pad (B, T): slot s holds the latest position p < length
+    with p % capacity == s (length = `prefix_lengths(key_pad)`); older positions and PAD keys are invalid."""
+    b, t = key_pad.shape
+    length = prefix_lengths(key_pad)[:, None]  # (B, 1)
+    s = jnp.arange(capacity)[None, :]
+    p = length - 1 - jnp.mod(length - 1 - s, capacity)  # (B, C)
+    in_range = (p >= 0) & (p < t)
+    pc = jnp.clip(p, 0, t - 1)
+    take = jax.vmap(lambda x, i: x[i])
+    valid = in_range & ~jnp.take_along_axis(key_pad, pc, axis=1)
+    return KVCache(k=take(k, pc), v=take(v, pc), valid=valid)
+
+
+def cached_attention_step(q, k_new, v_new, key_pad, positions, cache: KVCache):
+    """One decoding step: write the new key/value at slot positions % C, then attend over the valid slots.
+
+    q, k_new, v_new: (B, 1, N, H) (RoPE applied); key_pad: (B, 1) True when the new token is PAD; positions: (B,).
+    Returns ((B, 1, N, H), new cache). Rewriting a position that was written before (a rejected candidate) simply
+    replaces it; a ring buffer of C = window slots holds exactly the keys a sliding-window query may see.
+    """
+    chex.assert_rank([q, k_new, v_new], 4)
+    b, c = cache.valid.shape
+    rows = jnp.arange(b)
+    slot = jnp.mod(positions, c)
+    cache = KVCache(
+        k=cache.k.at[rows, slot].set(k_new[:, 0].astype(cache.k.dtype)),
+        v=cache.v.at[rows, slot].set(v_new[:, 0].astype(cache.v.dtype)),
+        valid=cache.valid.at[rows, slot].set(~key_pad[:, 0]),
+    )
+    out = _xla_attention(q, cache.k, cache.v, cache.valid[:, None, None, :])
+    return out, cache
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,13 +226,24 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    """Multi-head causal self-attention with RoPE; `window` > 0 = sliding window, 0 = full causal."""
+    """Multi-head causal self-attention with RoPE; `window` > 0 = sliding window, 0 = full causal.
+
+    cache=None: the full forward pass, x (B, T, D), positions (T,) | (B, T) -> (B, T, D).
+    cache=Prefill(max_len): the same, plus the KVCache the prompt leaves behind -> ((B, T, D), KVCache).
+    cache=<KVCache>: one decoding step, x (B, 1, D), key_pad (B, 1), positions (B,) -> ((B, 1, D), KVCache).
+    """
 
     window: int = 0
     implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x, key_pad, positions):  # (B, T, D), (B, T), (T,) | (B, T) -> (B, T, D)
+    def __call__(self, x, key_pad, positions, cache=None):
+        if isinstance(cache, KVCache):
+            pos = positions[:, None]  # (B, 1)
+            q = apply_rope(self.proj(x, "q"), pos)
+            k = apply_rope(self.proj(x, "k"), pos)
+            o, cache = cached_attention_step(q, k, self.proj(x, "v"), key_pad, positions, cache)
+            return self.out(o, x.shape[-1]), cache
         q = apply_rope(self.proj(x, "q"), positions)
         k = apply_rope(self.proj(x, "k"), positions)
         v = self.proj(x, "v")
@@ -156,22 +252,39 @@ class SelfAttention(_Projections):
             o = sliding_window_attention(q, k, v, key_pad, window=self.window, implementation=self.implementation)
         else:
             o = causal_attention(q, k, v, key_pad, implementation=self.implementation)
-        return self.out(o, x.shape[-1])
+        out = self.out(o, x.shape[-1])
+        if isinstance(cache, Prefill):
+            return out, kv_cache_from_prefix(k, v, key_pad, self.window if self.window > 0 else cache.max_len)
+        return out
 
 
 class SegmentCrossAttention(_Projections):
-    """Target token t attends to memory rows of its segment and `lookback` segments before it (RoPE on row index)."""
+    """Target token t attends to memory rows of its segment and `lookback` segments before it (RoPE on row index).
+
+    With `gather_rows` (decoding) the visible rows are gathered before they are projected, so one token costs
+    O(lookback) whatever the number of memory rows; the full forward pass projects every row once instead.
+    """
 
     rows_per_segment: int = 1
     lookback: int = 1
 
     @nn.compact
-    def __call__(self, x, memory, row_valid, seg_id):  # (B, T, D), (B, R, D), (B, R), (B, T) -> (B, T, D)
+    def __call__(self, x, memory, row_valid, seg_id, gather_rows: bool = False):
+        """x (B, T, D), memory (B, R, D), row_valid (B, R), seg_id (B, T) -> (B, T, D)."""
         lq = self.rows_per_segment
+        c = (self.lookback + 1) * lq
         q_row = seg_id * lq + (lq - 1)  # (B, T) last memory row of the token's own segment
         q = apply_rope(self.proj(x, "q"), q_row)
+        if gather_rows:
+            b, t = seg_id.shape
+            rows_c, visible = visible_rows(q_row, row_valid, c)  # (B, T, C)
+            mem = jax.vmap(lambda m, idx: m[idx])(memory, rows_c)  # (B, T, C, D)
+            k = apply_rope(self.proj(mem, "k").reshape(b, t * c, self.num_heads, -1), rows_c.reshape(b, t * c))
+            k = k.reshape(b, t, c, self.num_heads, -1)
+            o = gathered_attention(q, k, self.proj(mem, "v"), visible)
+            return self.out(o, x.shape[-1])
         rows = jnp.arange(memory.shape[1])
         k = apply_rope(self.proj(memory, "k"), rows)
         v = self.proj(memory, "v")
-        o = segment_cross_attention(q, k, v, q_row, row_valid, num_rows_visible=(self.lookback + 1) * lq)
+        o = segment_cross_attention(q, k, v, q_row, row_valid, num_rows_visible=c)
         return self.out(o, x.shape[-1])

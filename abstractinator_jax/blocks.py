@@ -1,4 +1,9 @@
-"""Pre-norm transformer blocks (ARCHITECTURE 3.1)."""
+"""Pre-norm transformer blocks (ARCHITECTURE 3.1), and `run_stack`, which runs a list of them with or without
+decoding caches.
+
+Every block takes an optional `cache` (see attention.SelfAttention): None for the full forward pass, `Prefill(max_len)`
+to also return the cache a prompt leaves, a `KVCache` to advance one token; with a cache the block returns
+(output, cache)."""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from . import axes
-from .attention import SegmentCrossAttention, SelfAttention
+from .attention import KVCache, Prefill, SegmentCrossAttention, SelfAttention
 from .layers import SwiGLU, constrain, rms_norm
 
 
@@ -20,7 +25,7 @@ class TransformerBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_pad, positions):  # (B, S, D), (B, S), (S,) -> (B, S, D)
+    def __call__(self, x, key_pad, positions, cache=None):  # (B, S, D), (B, S), (S,) -> (B, S, D) [, cache]
         d = x.shape[-1]
         attn = SelfAttention(
             num_heads=self.num_heads,
@@ -30,9 +35,12 @@ class TransformerBlock(nn.Module):
             dtype=self.dtype,
             name="attn",
         )
-        x = x + attn(rms_norm(dtype=self.dtype, name="attn_norm")(x), key_pad, positions)
+        a = attn(rms_norm(dtype=self.dtype, name="attn_norm")(x), key_pad, positions, cache)
+        a, cache = a if cache is not None else (a, None)
+        x = x + a
         x = x + SwiGLU(self.ffn_mult * d, dtype=self.dtype, name="ffn")(rms_norm(dtype=self.dtype, name="ffn_norm")(x))
-        return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        return x if cache is None else (x, cache)
 
 
 class DecoderBlock(nn.Module):
@@ -47,7 +55,8 @@ class DecoderBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_pad, positions, memory, row_valid, seg_id):
+    def __call__(self, x, key_pad, positions, memory, row_valid, seg_id, cache=None):
+        """x (B, T, D), key_pad (B, T), memory (B, R, D), row_valid (B, R), seg_id (B, T) -> (B, T, D) [, cache]."""
         d = x.shape[-1]
         hd = d // self.num_heads
         self_attn = SelfAttention(
@@ -58,7 +67,9 @@ class DecoderBlock(nn.Module):
             dtype=self.dtype,
             name="self_attn",
         )
-        x = x + self_attn(rms_norm(dtype=self.dtype, name="self_norm")(x), key_pad, positions)
+        a = self_attn(rms_norm(dtype=self.dtype, name="self_norm")(x), key_pad, positions, cache)
+        a, cache = a if cache is not None else (a, None)
+        x = x + a
         cross = SegmentCrossAttention(
             num_heads=self.num_heads,
             head_dim=hd,
@@ -67,6 +78,24 @@ class DecoderBlock(nn.Module):
             dtype=self.dtype,
             name="cross_attn",
         )
-        x = x + cross(rms_norm(dtype=self.dtype, name="cross_norm")(x), memory, row_valid, seg_id)
+        step = isinstance(cache, KVCache)
+        x = x + cross(rms_norm(dtype=self.dtype, name="cross_norm")(x), memory, row_valid, seg_id, gather_rows=step)
         x = x + SwiGLU(self.ffn_mult * d, dtype=self.dtype, name="ffn")(rms_norm(dtype=self.dtype, name="ffn_norm")(x))
-        return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        return x if cache is None else (x, cache)
+
+
+def run_stack(blocks, x, key_pad, positions, *extra, cache=None):
+    """Apply `blocks` in order. cache: None -> x; Prefill -> (x, [KVCache per block]); [KVCache per block] (one
+    decoding step) -> (x, [KVCache per block]). `extra` goes to every block after the positions (DecoderBlock's
+    memory, row_valid, seg_id)."""
+    if cache is None:
+        for blk in blocks:
+            x = blk(x, key_pad, positions, *extra)
+        return x
+    caches = [cache] * len(blocks) if isinstance(cache, Prefill) else list(cache)
+    new = []
+    for blk, c in zip(blocks, caches, strict=True):
+        x, c = blk(x, key_pad, positions, *extra, c)
+        new.append(c)
+    return x, new
