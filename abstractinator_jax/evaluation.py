@@ -1,9 +1,11 @@
 """Evaluation: the fixed held-out batches, the metrics over them, segmented samples, and the evaluation of a saved
-checkpoint (`evaluate_run`, behind evaluate.py). Training's periodic evaluation and evaluate.py share all of it."""
+checkpoint (`evaluate_run`, behind evaluate.py). Training's periodic evaluation and evaluate.py share all of it, and
+`restore_run` (a saved run's config, model and state) serves evaluate.py and generate.py alike."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -14,13 +16,13 @@ from ml_collections.config_flags import config_path
 
 from . import data as data_lib
 from . import tokenizer
-from .build import build
+from .build import Run, build
 from .checkpointing import CheckpointError, CheckpointManager
 from .config import PAD_ID, ConfigError, from_dict, validate_config
 from .data import resolve_data_config
 from .sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from .steps import make_eval_step
-from .train_state import all_params
+from .train_state import TrainState, all_params
 
 
 def make_eval_batches(cfg: ConfigDict, data_cfg: ConfigDict) -> list[dict]:
@@ -123,15 +125,18 @@ def segmented_rows(model, state, eval_batches, mesh, n: int) -> list[str]:
     return out
 
 
-def evaluate_run(
+def restore_run(
     workdir: str,
     step: int | None = None,
+    overrides: dict | None = None,
+    *,
     data_path: str | None = None,
     max_batches: int | None = None,
-    overrides: dict | None = None,
-    show_segments: int = 0,
-) -> tuple[dict, list[str]]:
-    """Restore `workdir`'s checkpoint and evaluate it. Returns (metrics, segmented sample rows)."""
+    before_build: Callable[[ConfigDict], None] | None = None,
+) -> tuple[ConfigDict, Run, TrainState]:
+    """Restore `workdir`'s checkpoint `step` (the latest when None) with the config saved in it (`overrides`,
+    `data_path`, `max_batches` applied, then validated): the model, mesh and state as training built them, with the
+    checkpoint's values. `before_build(cfg)` runs before anything is built, to fail fast on bad input."""
     if not Path(workdir).is_dir():
         raise CheckpointError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run.")
     with CheckpointManager(workdir, max_to_keep=None) as ckpt:
@@ -143,17 +148,36 @@ def evaluate_run(
         if saved is None:
             raise CheckpointError(f"checkpoint step {step} under {ckpt.directory} was saved without its config.")
         cfg = run_config(saved, data_path, max_batches, overrides or {})
-        data_cfg = resolve_data_config(cfg.data)
-        # Data first: a bad path fails before the model is built.
+        if before_build is not None:
+            before_build(cfg)
+        run = build(cfg)
+        state, _ = ckpt.restore(step, abstract_state=run.abstract_state)
+    return cfg, run, state
+
+
+def evaluate_run(
+    workdir: str,
+    step: int | None = None,
+    data_path: str | None = None,
+    max_batches: int | None = None,
+    overrides: dict | None = None,
+    show_segments: int = 0,
+) -> tuple[dict, list[str]]:
+    """Restore `workdir`'s checkpoint and evaluate it. Returns (metrics, segmented sample rows)."""
+    data = {}
+
+    def load_eval_data(cfg):  # data first: a bad path fails before the model is built
+        data["cfg"] = resolve_data_config(cfg.data)
         try:
-            eval_batches = make_eval_batches(cfg, data_cfg)
+            data["batches"] = make_eval_batches(cfg, data["cfg"])
         except ConfigError as e:
             raise ConfigError(f"--data_path={data_path!r}: {e}" if data_path else str(e)) from e
 
-        # The model, mesh and state template as trainer.train builds them, then the checkpoint's values.
-        run = build(cfg)
-        mesh, model, shardings = run.mesh, run.model, run.shardings
-        state, _ = ckpt.restore(step, abstract_state=run.abstract_state)
+    cfg, run, state = restore_run(
+        workdir, step, overrides, data_path=data_path, max_batches=max_batches, before_build=load_eval_data
+    )
+    data_cfg, eval_batches = data["cfg"], data["batches"]
+    mesh, model, shardings = run.mesh, run.model, run.shardings
     eval_step = make_eval_step(model, mesh, shardings)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):

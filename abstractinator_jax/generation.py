@@ -64,6 +64,7 @@ from .compressor import gaussian_bits, logit_bits
 from .config import BOS_ID, EOS_ID, PAD_ID
 from .expander import shift_right
 from .segmentation import entropy_segments, segment_softmax_pool
+from .sharding import batch_divisor, batch_sharding, replicated
 
 STOP_RUNNING, STOP_EOS, STOP_MAX_BYTES = 0, 1, 2
 STOP_REASONS = {STOP_RUNNING: "running", STOP_EOS: "eos", STOP_MAX_BYTES: "max_bytes"}
@@ -763,14 +764,22 @@ def sample_keys(seed: int, batch: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(batch))
 
 
-def generate_text(gen: Generator, variables, prompts: list[bytes], max_bytes: int, sp: Sampling, seed: int) -> list:
+def generate_text(
+    gen: Generator, variables, prompts: list[bytes], max_bytes: int, sp: Sampling, seed: int, mesh=None
+) -> list[dict]:
     """Continue each prompt (raw bytes) by up to `max_bytes` bytes. Returns one dict per prompt: prompt, continuation
     (text; invalid UTF-8 shown as U+FFFD), bytes (new bytes, EOS not counted), stop ('eos' | 'max_bytes') and seconds
-    (wall time of the whole batch, compilation included on a first call)."""
+    (wall time of the whole batch, compilation included on a first call). With a `mesh`, the batch of prompts is
+    split over its data axes when it divides evenly (else replicated)."""
     if max_bytes < 1:
         raise ValueError(f"max_bytes={max_bytes} must be >= 1.")
+    if not prompts:
+        raise ValueError("no prompt to continue.")
     ids = encode_prompts(prompts)
     keys = sample_keys(seed, len(prompts))
+    if mesh is not None:
+        sh = batch_sharding(mesh, 2, 0) if len(prompts) % batch_divisor(mesh) == 0 else replicated(mesh)
+        ids = jax.device_put(ids, sh)
     t0 = time.perf_counter()
     out, lengths, generated, stop = jax.device_get(gen.generate_ids(variables, jnp.asarray(ids), keys, sp, max_bytes))
     seconds = time.perf_counter() - t0
@@ -788,3 +797,34 @@ def generate_text(gen: Generator, variables, prompts: list[bytes], max_bytes: in
             }
         )
     return results
+
+
+def model_variables(state) -> dict:
+    """The variables a TrainState's model is applied with: every parameter (trained and frozen) and its state."""
+    return {"params": {**state.frozen_params, **state.params}, **state.model_state}
+
+
+TRAINING_SAMPLING = dict(temperature=0.8, top_p=0.95)  # the settings of training's samples/generated text
+
+
+def training_sampler(cfg: ConfigDict, model, mesh):
+    """Training's `samples/generated` text: `sample_max_bytes` bytes continuing `sample_text`, from the top
+    transformer when the run has one, else from level 0's entropy model when it is a byte LM ('logit'); None when
+    neither (or sample_max_bytes == 0). Returns fn(state) -> text; the same seed every time, so that evaluations can be
+    compared."""
+    if cfg.sample_max_bytes <= 0:
+        return None
+    from_lm = not cfg.use_top_code_lm
+    try:
+        gen = Generator(model, cfg, from_entropy_model=from_lm)
+    except GenerationError:
+        return None
+    sp = sampling(**TRAINING_SAMPLING)
+    prompt = cfg.sample_text.encode("utf-8")
+
+    def sample(state) -> str:
+        r = generate_text(gen, model_variables(state), [prompt], cfg.sample_max_bytes, sp, cfg.seed, mesh)[0]
+        source = "level 0's entropy model" if from_lm else "the top transformer"
+        return f"{r['prompt']}{r['continuation']}\n\n({r['bytes']} bytes from {source}, stop: {r['stop']})"
+
+    return sample

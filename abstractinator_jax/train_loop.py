@@ -21,6 +21,7 @@ from .checkpointing import CheckpointManager
 from .config import to_dict, validate_config
 from .data import resolve_data_config
 from .evaluation import evaluate, first_real_row, make_eval_batches, segment_outputs, segmented_sample
+from .generation import training_sampler
 from .sharding import LOGICAL_AXIS_RULES, batch_sharding
 from .steps import make_eval_step, make_train_step
 from .summaries import SummaryWriter
@@ -93,6 +94,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
 
     sample_ids = first_real_row(eval_batches)
     segment_fn = jax.jit(lambda p, ms, ids, pad: segment_outputs(model, p, ms, ids, pad))
+    generate_sample = training_sampler(cfg, model, mesh)  # None: the run cannot generate (no top, no byte LM)
 
     batch_in_sharding = batch_sharding(mesh, 3, 1)
     acc = _MetricAccumulator()
@@ -148,6 +150,8 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
                         seg_text = segmented_sample(segment_fn, state, sample_ids, mesh)
                         writer.text(step, "samples/segmented", seg_text)
                     writer.flush()
+                if generate_sample is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+                    writer.text(step, "samples/generated", generate_sample(state))
                 if step % cfg.checkpoint_interval == 0 or step in (cfg.max_steps, end):
                     ckpt.save(step, state, data_iterator=train_it, config=to_dict(cfg), force=True)
         finally:
