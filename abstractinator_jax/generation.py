@@ -36,7 +36,7 @@ The algorithm, with N levels (level 0 reads bytes; level k+1 reads level k's row
    or at the top the top transformer's next input. Then the level above provides the next row: level k+1's expander
    samples the next id (which may itself close a level k+1 segment first), or the top transformer predicts it (a
    vector for a continuous top, a code sampled from its factorized head for a discrete one).
-5. A sample stops at EOS (level 0's expander emitted it) or when it has `max_new` bytes; the others continue.
+5. A sample stops at EOS (level 0's expander emitted it) or when it has its byte budget; the others continue.
 
 The while loop is batch-synchronous. Everything per sample is selected by masks; cache writes need no masks: every
 step writes at each sample's next unwritten position (a later real step rewrites it before reading), so a sample
@@ -69,6 +69,7 @@ from .sharding import batch_divisor, batch_sharding, replicated
 STOP_RUNNING, STOP_EOS, STOP_MAX_BYTES = 0, 1, 2
 STOP_REASONS = {STOP_RUNNING: "running", STOP_EOS: "eos", STOP_MAX_BYTES: "max_bytes"}
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this many tokens (fewer compiled shapes)
+BUDGET_BUCKET = 64  # and byte budgets are rounded up to a multiple of this for the buffers' size
 
 
 class GenerationError(ValueError):
@@ -644,7 +645,7 @@ class Generator:
 
     # -- the decode loop -----------------------------------------------------------------------------------------------
 
-    def _byte_step(self, v, st: DecodeState, sp: Sampling, max_new: int) -> DecodeState:
+    def _byte_step(self, v, st: DecodeState, sp: Sampling, budget) -> DecodeState:
         """One byte for every live sample."""
         mask = st.active
         pos = st.n
@@ -655,7 +656,7 @@ class Generator:
         ids = _set_row(st.ids, cols, byte, mask)
         generated = st.generated + mask.astype(jnp.int32)
         eos = mask & (byte == EOS_ID)
-        full = mask & ~eos & (generated >= max_new)
+        full = mask & ~eos & (generated >= budget)
         return st.replace(
             levels=levels,
             ids=ids,
@@ -666,24 +667,29 @@ class Generator:
             step=st.step + 1,
         )
 
-    def _generate(self, v, prompt, keys, sp: Sampling, max_new: int):
+    def _generate(self, v, prompt, keys, sp: Sampling, max_new: int, budget):
         st = self.prefill(v, prompt, keys, max_new, sp)
         st = jax.lax.while_loop(
             lambda s: jnp.any(s.active) & (s.step < max_new),
-            lambda s: self._byte_step(v, s, sp, max_new),
+            lambda s: self._byte_step(v, s, sp, budget),
             st,
         )
         return st.ids, prefix_lengths(prompt == PAD_ID), st.generated, st.stop
 
-    def generate_ids(self, variables, prompt, keys, sp: Sampling, max_new: int):
+    def generate_ids(self, variables, prompt, keys, sp: Sampling, max_new: int, budget=None):
         """prompt (B, P) int32 (`[BOS] + bytes`, PAD after) -> (ids (B, P + max_new), prompt lengths (B,),
-        generated counts (B,), stop reasons (B,)). The new bytes of row b are ids[b, len_b : len_b + generated_b]."""
+        generated counts (B,), stop reasons (B,)). The new bytes of row b are ids[b, len_b : len_b + generated_b].
+        `max_new` sizes the buffers (one compilation per value); `budget` (an int or (B,), <= max_new, default
+        max_new) is how many bytes each sample may have, without recompiling."""
         fn = self._jitted_lm if self.from_entropy_model else self._jitted
-        return fn(variables, prompt, keys, sp, max_new)
+        budget = jnp.broadcast_to(
+            jnp.minimum(jnp.asarray(max_new if budget is None else budget, jnp.int32), max_new), (prompt.shape[0],)
+        )
+        return fn(variables, prompt, keys, sp, max_new, budget)
 
     # -- level 0's entropy model alone (a causal byte LM) --------------------------------------------------------------
 
-    def _generate_from_entropy_model(self, v, prompt, keys, sp: Sampling, max_new: int):
+    def _generate_from_entropy_model(self, v, prompt, keys, sp: Sampling, max_new: int, budget):
         b, p = prompt.shape
         capacity = p + max_new + 1
         pad = prompt == PAD_ID
@@ -724,7 +730,7 @@ class Generator:
             new_last, shared, entropy = self._apply(v, step, byte, n, shared, entropy)
             generated = generated + active.astype(jnp.int32)
             eos = active & (byte == EOS_ID)
-            full = active & ~eos & (generated >= max_new)
+            full = active & ~eos & (generated >= budget)
             stop = jnp.where(eos, STOP_EOS, jnp.where(full, STOP_MAX_BYTES, stop))
             last = _where(active, new_last, last)
             return (
@@ -780,8 +786,11 @@ def generate_text(
     if mesh is not None:
         sh = batch_sharding(mesh, 2, 0) if len(prompts) % batch_divisor(mesh) == 0 else replicated(mesh)
         ids = jax.device_put(ids, sh)
+    max_new = -(-max_bytes // BUDGET_BUCKET) * BUDGET_BUCKET  # buffers for a bucket of budgets: fewer compilations
     t0 = time.perf_counter()
-    out, lengths, generated, stop = jax.device_get(gen.generate_ids(variables, jnp.asarray(ids), keys, sp, max_bytes))
+    out, lengths, generated, stop = jax.device_get(
+        gen.generate_ids(variables, jnp.asarray(ids), keys, sp, max_new, budget=max_bytes)
+    )
     seconds = time.perf_counter() - t0
     results = []
     for b, prompt in enumerate(prompts):
