@@ -77,23 +77,62 @@ def two_level_config():
     return with_top(cfg, continuous=False)
 
 
+def _random_leaf(rng, names, shape, dtype):
+    """A value like the model's own initialisers would give (their scales), drawn on the host: compiling the model's
+    init costs more than every test here."""
+    name = names[-1]
+    if not np.issubdtype(dtype, np.floating):
+        return np.zeros(shape, dtype)
+    if name == "scale" or name == "ema_cluster_size":
+        return np.ones(shape, dtype)
+    if name in ("bias", "buffer"):
+        return np.zeros(shape, dtype)
+    if name in ("embedding", "codebook", "ema_weight_sum"):
+        std = 1.0
+    elif name in ("up", "down"):
+        std = shape[0] ** -0.5
+    else:
+        std = 0.02
+    return (rng.standard_normal(shape) * std).astype(dtype)
+
+
 def init(cfg, seed=0, sharpen: float = 1.0, boost: float = 1.0):
     """A random model. `sharpen` scales the level-0 logit head so that its entropy varies (boundaries happen);
     `boost` scales the expanders' attention and feed-forward outputs so that what they emit depends on the context
     (a fresh expander mostly repeats its input id)."""
     model = AbstractinatorPyramid(cfg)
-    ids = jnp.zeros((1, SEQ), jnp.int32)
-    v = nn.unbox(jax.jit(model.init)(jax.random.key(seed), ids, ids == 1))
+    ids = jnp.zeros((1, 16), jnp.int32)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids, ids == 1))
+    rng = np.random.default_rng(seed)
 
-    def perturb(path, x):
+    def leaf(path, x):
         names = [getattr(p, "key", None) for p in path]
+        value = _random_leaf(rng, names, x.shape, x.dtype)
         if "expander" in names and ("o" in names or "w2" in names):
-            return x * boost
+            value = value * boost
         if names[-3:] == ["entropy", "head", "kernel"] and names[:3] == ["params", "level_0", "compressor"]:
-            return x * sharpen
-        return x
+            value = value * sharpen
+        return jnp.asarray(value)
 
-    return model, jax.tree_util.tree_map_with_path(perturb, v)
+    return model, jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@pytest.fixture(scope="module")
+def gaussian_top():
+    """One level with the gaussian entropy model, no quantizer, a continuous top (expander window 6)."""
+    cfg = with_top(level_config("gaussian"), continuous=True)
+    model, v = init(cfg, seed=1, boost=30.0)
+    return cfg, model, v, G.Generator(model, cfg)
+
+
+@pytest.fixture(scope="module")
+def logit_top():
+    """One level with the logit entropy model (sharpened: its entropy varies), a quantizer, a discrete top, and a full
+    causal expander (d_window=0)."""
+    cfg = with_top(level_config("logit", vq=16), continuous=False)
+    cfg.levels[0].d_window = 0
+    model, v = init(cfg, seed=2, sharpen=40.0, boost=30.0)
+    return cfg, model, v, G.Generator(model, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,11 +177,10 @@ def _full_pad():
     return jnp.asarray(pad)
 
 
-@pytest.mark.parametrize("kind", ["logit", "gaussian"])
-def test_compressor_stacks_prefill_and_steps_match_the_full_forward(kind):
+@pytest.mark.parametrize("fixture", ["logit_top", "gaussian_top"])
+def test_compressor_stacks_prefill_and_steps_match_the_full_forward(fixture, request):
     """Shared stack, entropy model and compression stack (sliding windows as ring buffers), and the pooling scores."""
-    cfg = level_config(kind)
-    model, v = init(cfg, sharpen=3.0)
+    _, model, v, _ = request.getfixturevalue(fixture)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, T)), jnp.int32)
     pad = _full_pad()
 
@@ -174,13 +212,11 @@ def test_compressor_stacks_prefill_and_steps_match_the_full_forward(kind):
     check_prefix_and_steps(full, pre, step, lambda pos: (ids[jnp.arange(2), pos],))
 
 
-@pytest.mark.parametrize("d_window", [6, 0])
-def test_expander_prefill_and_steps_match_the_full_forward(d_window):
-    """Expander self-attention with its window as a ring buffer (or, d_window=0, the whole length), cross-attention
-    into memory rows (one of them invalid) from each token's segment."""
-    cfg = level_config("gaussian")
-    cfg.levels[0].d_window = d_window
-    model, v = init(cfg)
+@pytest.mark.parametrize("fixture", ["gaussian_top", "logit_top"])
+def test_expander_prefill_and_steps_match_the_full_forward(fixture, request):
+    """Expander self-attention with its window as a ring buffer (d_window=6), or over the whole length (d_window=0),
+    cross-attention into memory rows (one of them invalid) from each token's segment."""
+    _, model, v, _ = request.getfixturevalue(fixture)
     rng = np.random.default_rng(2)
     targets = jnp.asarray(rng.integers(0, 256, (2, T)), jnp.int32)
     seg_id = jnp.asarray(np.minimum(np.arange(T) // 3, 6)[None].repeat(2, 0), jnp.int32)
@@ -205,10 +241,9 @@ def test_expander_prefill_and_steps_match_the_full_forward(d_window):
     check_prefix_and_steps(full, pre, step, lambda pos: (inputs[rows, pos], seg_id[rows, pos]))
 
 
-def test_top_transformer_prefill_and_steps_match_the_full_forward():
+def test_top_transformer_prefill_and_steps_match_the_full_forward(gaussian_top):
     """Full causal top transformer; an invalid row in the prompt is never seen."""
-    cfg = with_top(level_config("gaussian"), continuous=True)
-    model, v = init(cfg)
+    _, model, v, _ = gaussian_top
     rows_in = jnp.asarray(np.random.default_rng(3).normal(size=(2, T, 32)), jnp.float32)
     valid = ~_full_pad()
 
@@ -443,23 +478,15 @@ class Reference:
 
 
 def cached(gen, v, prompts, sp, seed=0, max_new=MAX_NEW):
-    """The generated ids (EOS included) per prompt and the stop reasons."""
+    """The generated ids (EOS included) per prompt and the stop reasons. The buffers are sized for generate_text's
+    bucket of budgets, so that every call here runs one compiled program."""
     ids = jnp.asarray(G.encode_prompts(prompts))
-    out, lengths, generated, stop = jax.device_get(
-        gen.generate_ids(v, ids, G.sample_keys(seed, len(prompts)), sp, max_new)
-    )
+    keys = G.sample_keys(seed, len(prompts))
+    out, lengths, generated, stop = jax.device_get(gen.generate_ids(v, ids, keys, sp, G.BUDGET_BUCKET, max_new))
     return [list(out[b, lengths[b] : lengths[b] + generated[b]]) for b in range(len(prompts))], list(stop)
 
 
 GREEDY = G.sampling(greedy=True)
-
-
-@pytest.fixture(scope="module")
-def gaussian_top():
-    """One level with the gaussian entropy model, no quantizer, a continuous top."""
-    cfg = with_top(level_config("gaussian"), continuous=True)
-    model, v = init(cfg, seed=1, boost=30.0)
-    return cfg, model, v, G.Generator(model, cfg)
 
 
 def check_against_reference(cfg, model, v, gen, prompts, expect):
@@ -479,12 +506,9 @@ def test_greedy_cached_generation_equals_the_reference_one_level_continuous_top(
     check_against_reference(cfg, model, v, gen, PROMPTS, expect=("reject0", "cap0"))
 
 
-def test_greedy_cached_generation_equals_the_reference_one_level_discrete_top():
-    cfg = with_top(level_config("logit", vq=16), continuous=False)
-    model, v = init(cfg, seed=2, sharpen=40.0, boost=30.0)
-    check_against_reference(
-        cfg, model, v, G.Generator(model, cfg), [b"Once upon a time", b""], expect=("rule0", "cap0")
-    )
+def test_greedy_cached_generation_equals_the_reference_one_level_discrete_top(logit_top):
+    cfg, model, v, gen = logit_top
+    check_against_reference(cfg, model, v, gen, [b"Once upon a time", b""], expect=("rule0", "cap0"))
 
 
 @pytest.mark.slow
@@ -563,12 +587,14 @@ def test_text_api_handles_empty_and_long_prompts_and_invalid_utf8(gaussian_top):
         assert isinstance(r["continuation"], str)  # random bytes: replacement characters, never an exception
 
 
-def test_from_entropy_model_greedy_follows_the_byte_lm():
-    """Level 0's logit entropy model alone: greedy bytes are the argmax of its full forward pass, byte after byte."""
-    cfg = level_config("logit")
-    model, v = init(cfg, seed=4, sharpen=8.0)
+def test_from_entropy_model_greedy_follows_the_byte_lm(logit_top):
+    """Level 0's logit entropy model alone: greedy bytes are the argmax of its full forward pass, byte after byte.
+    Without a top transformer, generation refuses and points there."""
+    cfg, model, v, _ = logit_top
+    no_top = copy.deepcopy(cfg)
+    no_top.use_top_code_lm = False
     with pytest.raises(G.GenerationError, match="from_entropy_model"):
-        G.Generator(model, cfg)
+        G.Generator(model, no_top)
     gen = G.Generator(model, cfg, from_entropy_model=True)
     got, _ = cached(gen, v, [b"Once", b""], GREEDY, max_new=12)
 
