@@ -99,7 +99,7 @@ def _random_leaf(rng, names, shape, dtype):
 def init(cfg, seed=0, sharpen: float = 1.0, boost: float = 1.0):
     """A random model. `sharpen` scales the level-0 logit head so that its entropy varies (boundaries happen);
     `boost` scales the expanders' attention and feed-forward outputs so that what they emit depends on the context
-    (a fresh expander mostly repeats its input id)."""
+    (a fresh expander mostly repeats its input id), and the pooled rows so that they quantize to different codes."""
     model = AbstractinatorPyramid(cfg)
     ids = jnp.zeros((1, 16), jnp.int32)
     shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids, ids == 1))
@@ -109,6 +109,8 @@ def init(cfg, seed=0, sharpen: float = 1.0, boost: float = 1.0):
         names = [getattr(p, "key", None) for p in path]
         value = _random_leaf(rng, names, x.shape, x.dtype)
         if "expander" in names and ("o" in names or "w2" in names):
+            value = value * boost
+        if names[-3:] == ["pooler", "out", "kernel"]:  # rows large enough to reach different codes
             value = value * boost
         if names[-3:] == ["entropy", "head", "kernel"] and names[:3] == ["params", "level_0", "compressor"]:
             value = value * sharpen
