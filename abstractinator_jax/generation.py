@@ -259,7 +259,8 @@ def check_can_generate(cfg: ConfigDict, from_entropy_model: bool = False) -> Non
 
 
 class Generator:
-    """Cached decoding for one model: `generate_ids` (jit) and the host-side `generate` on text prompts."""
+    """Cached decoding for one model: `generate_ids` (one jitted program per shape); `generate_text` below is the
+    host side (text prompts in, text out)."""
 
     def __init__(self, model, cfg: ConfigDict, from_entropy_model: bool = False):
         check_can_generate(cfg, from_entropy_model)
@@ -593,6 +594,7 @@ class Generator:
         """Compress the prompt (B, P) upward through every level (filling every cache), then open a new segment at
         every level: the top's prediction, expanded downward to level 0's first row."""
         chex.assert_rank(prompt, 2)
+        chex.assert_type(prompt, jnp.int32)
         b, p = prompt.shape
         capacity = p + max_new + 1  # rows / positions any level can reach
         pad = prompt == PAD_ID
@@ -674,11 +676,13 @@ class Generator:
             lambda s: self._byte_step(v, s, sp, budget),
             st,
         )
-        return st.ids, prefix_lengths(prompt == PAD_ID), st.generated, st.stop
+        segments = jnp.stack([lv.seg + 1 for lv in st.levels], axis=1)  # (B, N) closed segments + the open one
+        return st.ids, prefix_lengths(prompt == PAD_ID), st.generated, st.stop, segments
 
     def generate_ids(self, variables, prompt, keys, sp: Sampling, max_new: int, budget=None):
         """prompt (B, P) int32 (`[BOS] + bytes`, PAD after) -> (ids (B, P + max_new), prompt lengths (B,),
-        generated counts (B,), stop reasons (B,)). The new bytes of row b are ids[b, len_b : len_b + generated_b].
+        generated counts (B,), stop reasons (B,), segments (B, N) per level: the prompt's, the generated ones, and the
+        open one; (B, 0) from the entropy model). The new bytes of row b are ids[b, len_b : len_b + generated_b].
         `max_new` sizes the buffers (one compilation per value); `budget` (an int or (B,), <= max_new, default
         max_new) is how many bytes each sample may have, without recompiling."""
         fn = self._jitted_lm if self.from_entropy_model else self._jitted
@@ -746,7 +750,7 @@ class Generator:
             )
 
         out = jax.lax.while_loop(lambda c: jnp.any(c[6]) & (c[8] < max_new), body, init)
-        return out[3], n, out[5], out[7]
+        return out[3], n, out[5], out[7], jnp.zeros((b, 0), jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -788,7 +792,7 @@ def generate_text(
         ids = jax.device_put(ids, sh)
     max_new = -(-max_bytes // BUDGET_BUCKET) * BUDGET_BUCKET  # buffers for a bucket of budgets: fewer compilations
     t0 = time.perf_counter()
-    out, lengths, generated, stop = jax.device_get(
+    out, lengths, generated, stop, _ = jax.device_get(
         gen.generate_ids(variables, jnp.asarray(ids), keys, sp, max_new, budget=max_bytes)
     )
     seconds = time.perf_counter() - t0

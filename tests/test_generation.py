@@ -71,6 +71,7 @@ def two_level_config():
     lv1.c_vq_d_c = 8
     lv1.c_num_shared_encoder_layers = 0
     lv1.gen_max_segment_len = 3
+    lv1.c_entropy_delta = -0.05  # random surprisals are flat: a lower bar makes level-1 candidates get rejected
     lv1.d_window = 0  # full causal expander: a cache as long as the budget
     cfg.levels = [cfg.levels[0], lv1]
     cfg.num_levels = 2
@@ -479,25 +480,27 @@ class Reference:
         return out
 
 
-def cached(gen, v, prompts, sp, seed=0, max_new=MAX_NEW):
-    """The generated ids (EOS included) per prompt and the stop reasons. The buffers are sized for generate_text's
-    bucket of budgets, so that every call here runs one compiled program."""
+def cached(gen, v, prompts, sp, seed=0, max_new=MAX_NEW, segments=False):
+    """The generated ids (EOS included) per prompt and the stop reasons (and each level's segment count). The buffers
+    are sized for generate_text's bucket of budgets, so that every call here runs one compiled program."""
     ids = jnp.asarray(G.encode_prompts(prompts))
     keys = G.sample_keys(seed, len(prompts))
-    out, lengths, generated, stop = jax.device_get(gen.generate_ids(v, ids, keys, sp, G.BUDGET_BUCKET, max_new))
-    return [list(out[b, lengths[b] : lengths[b] + generated[b]]) for b in range(len(prompts))], list(stop)
+    out, lengths, generated, stop, segs = jax.device_get(gen.generate_ids(v, ids, keys, sp, G.BUDGET_BUCKET, max_new))
+    new = [list(out[b, lengths[b] : lengths[b] + generated[b]]) for b in range(len(prompts))]
+    return (new, list(stop), [list(x) for x in segs]) if segments else (new, list(stop))
 
 
 GREEDY = G.sampling(greedy=True)
 
 
 def check_against_reference(cfg, model, v, gen, prompts, expect):
-    got, _ = cached(gen, v, prompts, GREEDY)
+    got, _, segments = cached(gen, v, prompts, GREEDY, segments=True)
     ref = Reference(model, v, cfg, length=G.encode_prompts(prompts).shape[1] + MAX_NEW + 1)
     stats = collections.Counter()
-    for prompt, ids in zip(prompts, got):
+    for prompt, ids, segs in zip(prompts, got, segments):
         want = ref.run(prompt, MAX_NEW)
         assert [int(i) for i in ids] == want, prompt
+        assert [int(n) for n in segs] == [len(rows) for rows in ref.rows], prompt  # the same segments at every level
         stats += ref.stats
     for reason in expect:  # the test exercised these ways of ending a segment
         assert stats[reason] > 0, stats
@@ -518,7 +521,7 @@ def test_greedy_cached_generation_equals_the_reference_two_levels():
     cfg = two_level_config()
     model, v = init(cfg, seed=3, boost=30.0)
     check_against_reference(
-        cfg, model, v, G.Generator(model, cfg), [b"Once upon a time", b"Hi"], expect=("cap0", "cap1")
+        cfg, model, v, G.Generator(model, cfg), [b"Once upon a time", b"Hi"], expect=("cap0", "reject0", "reject1")
     )
 
 
