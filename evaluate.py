@@ -1,29 +1,34 @@
-"""Evaluate a trained run on held-out data and print its metrics as one JSON object.
+"""Evaluate a trained run on held-out data and print its figures as one JSON object.
 
     python evaluate.py --workdir runs/tiny
     python evaluate.py --workdir runs/tiny --step 300 --show_segments 3
     python evaluate.py --workdir runs/tiny --data_path ../shared/data/tinystories_valid.txt --max_batches 16
+    python evaluate.py --workdir runs/tiny --data_path held_out.jsonl --max_batches 0 --output result.json
 
 The model, mesh and data settings come from the config saved with the checkpoint (latest step, or --step); the eval
 data is that run's held-out split (data.eval_path / data.eval_split, or the data.eval_fraction held out of the
-training documents), unless --data_path names other files. `--config.<key>=value` changes any other saved setting
-(e.g. --config.batch_size=4, --config.data.max_eval_documents=0). The metrics are the token-weighted means of
-training's eval/* scalars over the eval batches; the JSON object is the last line of stdout.
+training documents), unless --data_path names other files (.txt, .jsonl or .parquet). `--config.<key>=value` changes
+any other saved setting (e.g. --config.batch_size=4, --config.data.max_eval_documents=0). The figures are those of
+training's eval/* scalars, each a ratio of totals over the whole evaluation, plus `bits_per_byte` (the whole model's
+code length per real UTF-8 byte, or null with `bits_per_byte_note` saying why); see the README's "Scoring". The JSON
+object is the last line of stdout, and is also written to --output when given.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from abstractinator_jax.checkpointing import CheckpointError
+from abstractinator_jax.checkpointing import CheckpointDamaged, CheckpointError
 from abstractinator_jax.cli import fail
 from abstractinator_jax.config import ConfigError, base_config, unknown_overrides
 from abstractinator_jax.evaluation import evaluate_run
+from abstractinator_jax.recovery import intact_steps
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate. Default: the latest.")
@@ -36,6 +41,7 @@ _DATA_PATH = flags.DEFINE_string(
 _MAX_BATCHES = flags.DEFINE_integer(
     "max_batches", None, "Evaluate at most this many batches of batch_size rows (sets eval_batches; 0 = all)."
 )
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON object to this file.")
 _SHOW_SEGMENTS = flags.DEFINE_integer(
     "show_segments", 0, "Print this many held-out rows cut into their segments ('|'), before the JSON line."
 )
@@ -48,16 +54,28 @@ def main(argv):
         fail(f"unexpected arguments {argv[1:]}; see python evaluate.py --help.")
     if not _WORKDIR.value:
         fail("missing --workdir; pass the run directory of a train.py run, e.g. --workdir runs/tiny.")
+    if _OUTPUT.value and not Path(_OUTPUT.value).parent.is_dir():
+        fail(f"--output={_OUTPUT.value!r}: its directory does not exist.")
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     try:
         result, samples = evaluate_run(
             _WORKDIR.value, _STEP.value, _DATA_PATH.value, _MAX_BATCHES.value, overrides, _SHOW_SEGMENTS.value
         )
+    except CheckpointDamaged as e:
+        intact = intact_steps(_WORKDIR.value, exclude=(e.step,))
+        hint = f" (evaluate one with --step {intact[-1]})." if intact else "."
+        fail(f"{e}. Intact steps: {intact or 'none'}{hint}")
     except (ConfigError, CheckpointError) as e:
         fail(str(e))
+    line = json.dumps(result)
+    if _OUTPUT.value:
+        try:
+            Path(_OUTPUT.value).write_text(line + "\n")
+        except OSError as e:
+            fail(f"--output={_OUTPUT.value!r}: cannot write it ({e.strerror or e}).")
     for i, text in enumerate(samples):
         print(f"--- segmented row {i} ---\n{text}")
-    print(json.dumps(result))
+    print(line)
 
 
 def _check_args(argv) -> None:

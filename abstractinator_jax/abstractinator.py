@@ -1,4 +1,7 @@
-"""One level of the pyramid: embedding, compressor, expander, the level loss and metrics (ARCHITECTURE 3, 3.7)."""
+"""One level of the pyramid (docs/ARCHITECTURE.md 3): the level's input embedding (a byte table at level 0, the lower
+level's quantized vectors above), its compressor and expander wired together, and the level loss and metrics
+(3.7). It owns nothing of the levels above or below: the pyramid (model.py) passes each level its inputs, its
+targets and, above level 0, the lower level's codebooks."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from ml_collections import ConfigDict
 from . import axes
 from .codes import CodeCodec
 from .compressor import CompressorOutput, SegmentCompressor
+from .config import EOS_ID
 from .expander import Expander
 from .layers import constrain, dense, kernel_init
 from .losses import masked_cross_entropy
@@ -23,6 +27,7 @@ class LevelOutput:
     metrics: dict  # name -> () float32
     compressor: CompressorOutput
     logits: list  # per stage (B, S, K)
+    digits: jax.Array  # (B, S, depth) int32 target digits of the ids (what the logits score)
 
 
 class AbstractinatorLevel(nn.Module):
@@ -49,7 +54,7 @@ class AbstractinatorLevel(nn.Module):
                 kernel_init(axes.VOCAB, axes.EMBED, init=nn.initializers.normal(1.0)),
                 (cfg.vocab_size, cfg.D),
             )
-            vocab, start, code_K = cfg.vocab_size, cfg.eos_id, cfg.vocab_size
+            vocab, start, code_K = cfg.vocab_size, EOS_ID, cfg.vocab_size
         else:
             if self.lo_D != cfg.D:
                 self.in_proj = dense(cfg.D, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="in_proj")
@@ -86,12 +91,12 @@ class AbstractinatorLevel(nn.Module):
         metrics = level_metrics(comp, logits, digits, key_pad)
         metrics.update(loss=loss, code_ce=code_ce, entropy_loss=comp.entropy.loss, vq_loss=comp.vq_loss)
         metrics.update(comp.vq_metrics)
-        return LevelOutput(loss=loss, metrics=metrics, compressor=comp, logits=logits)
+        return LevelOutput(loss=loss, metrics=metrics, compressor=comp, logits=logits, digits=digits)
 
 
 def level_metrics(comp: CompressorOutput, logits, digits, key_pad) -> dict:
-    """Compression and reconstruction metrics of a level (ARCHITECTURE 3.7), as float32 scalars. A token counts as
-    reconstructed when every stage's argmax digit (teacher-forced residuals) matches."""
+    """Compression and reconstruction metrics of a level (docs/ARCHITECTURE.md 3.7), as float32 scalars. A token
+    counts as reconstructed when every stage's argmax digit (teacher-forced residuals) matches."""
     real = ~key_pad
     n_real = jnp.sum(real).astype(jnp.float32)
     n_seg = jnp.sum(comp.segments.num_segments).astype(jnp.float32)

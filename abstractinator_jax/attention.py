@@ -1,4 +1,4 @@
-"""Attention forms of ARCHITECTURE 3.1, on `jax.nn.dot_product_attention`.
+"""Attention forms of docs/ARCHITECTURE.md 3.1, on `jax.nn.dot_product_attention`.
 
 Kernels (pure functions, inputs (B, T, N, H), `key_pad` True at PAD):
   - `sliding_window_attention`: causal, position t sees keys [t-W+1, t], never PAD keys. Queries are blocked into
@@ -7,18 +7,27 @@ Kernels (pure functions, inputs (B, T, N, H), `key_pad` True at PAD):
   - `causal_attention`: full causal, never PAD keys (top transformer; expander with d_window = 0).
   - `segment_cross_attention`: each query sees a small per-query set of memory rows (the rows of its own segment and
     `lookback` segments before it), gathered so that cost is linear in S.
+The two self-attention kernels also take one value head shared by every query head, of its own width
+(v: (B, S, 1, C)): that is multi-head latent attention, whose values are the per-token latent.
 A query that may see no key at all (PAD queries, empty rows) gets a zero output, never NaN.
 
-Decoding (generation) keeps each self-attention's keys and values in a fixed-size `KVCache`: position p lives in slot
-p % C, so a sliding-window layer needs only C = window slots (a ring buffer) and a full causal layer C = the longest
-sequence it will see. `SelfAttention` fills one from a prompt (`cache=Prefill(max_len)`, the ordinary linear-time
-forward pass plus a gather) and advances it one token at a time (`cache=<KVCache>`); both give the same outputs as the
-full forward pass at every position.
+Modules: `SelfAttention` (standard multi-head, 'mha') and `LatentSelfAttention` (multi-head latent attention,
+'mla', docs/ARCHITECTURE.md 3.1), chosen per config by `self_attention(AttentionSpec)`; `SegmentCrossAttention`.
+
+Decoding (generation) keeps each self-attention's past in a fixed-size cache: `KVCache` (keys and values) for 'mha',
+`LatentCache` (the per-token latent and RoPE'd scoring keys, never full keys and values) for 'mla'. Position p lives
+in slot p % C, so a sliding-window layer needs only C = window slots (a ring buffer) and a full causal layer C = the
+longest sequence it will see. Both modules take the same `cache` argument: `cache=Prefill(max_len)` runs the ordinary
+linear-time forward pass over a prompt and also returns the cache it leaves, and `cache=<the cache>` advances one
+token per row; both give the same outputs as the full forward pass at every position. Callers never look inside a
+cache (`is_decode_cache` tells a step from a prefill).
 """
 
 from __future__ import annotations
 
-import chex
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -32,9 +41,28 @@ from .layers import apply_rope, constrain, kernel_init, token_matmul
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _shares_value(k, v) -> bool:
+    """True when v is one value head shared by all key heads, or has a width of its own (latent attention)."""
+    return v.shape[2] != k.shape[2] or v.shape[-1] != k.shape[-1]
+
+
+def _shared_value_attention(q, k, v, mask):
+    """q, k: (B, T|S, N, R); v: (B, S, 1, C) shared by every head -> (B, T, N, C). Scores scaled by 1/sqrt(R) and
+    softmaxed in float32, as dot_product_attention does; the shared value is never copied per head."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("btnr,bsnr->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsc->btnc", probs, v[:, :, 0])
+
+
 def _xla_attention(q, k, v, mask):
-    """dot_product_attention (XLA) with a boolean mask broadcastable to (B, N, T, S); zero output for empty rows."""
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    """dot_product_attention (XLA) with a boolean mask broadcastable to (B, N, T, S); zero output for empty rows.
+    v may be one shared value head of its own width (B, S, 1, C) (latent attention): the output is then (B, T, N, C)."""
+    if _shares_value(k, v):
+        out = _shared_value_attention(q, k, v, mask)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     any_key = jnp.any(mask, axis=-1)  # (B|1, N|1, T)
     any_key = jnp.broadcast_to(any_key, (q.shape[0], any_key.shape[1], q.shape[1]))
     any_key = jnp.swapaxes(any_key, 1, 2)[..., None]  # (B, T, N|1, 1)
@@ -63,23 +91,34 @@ def causal_attention(q, k, v, key_pad, *, window: int = 0, implementation: str =
 def _cudnn_attention(q, k, v, key_pad, window):
     # cuDNN expresses padding as per-row lengths: PAD must be a suffix of the row (our rows are BOS..EOS then PAD).
     lengths = jnp.sum(~key_pad, axis=-1).astype(jnp.int32)
+    scale, width = None, v.shape[-1]
+    if _shares_value(k, v):
+        # cuDNN needs one shape for k and v: copy the shared value to every head and zero-pad q, k, v to a common
+        # width (a multiple of 8); zero columns leave the scores unchanged, the scale stays 1/sqrt(R).
+        b, s, n, r = k.shape
+        p = -(-max(r, width) // 8) * 8
+        scale = 1.0 / math.sqrt(r)
+        q, k = (jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, p - r))) for a in (q, k))
+        v = jnp.pad(jnp.broadcast_to(v, (b, s, n, width)), ((0, 0), (0, 0), (0, 0), (0, p - width)))
     out = jax.nn.dot_product_attention(
         q,
         k,
         v,
+        scale=scale,
         is_causal=True,
         query_seq_lengths=lengths,
         key_value_seq_lengths=lengths,
         local_window_size=(window - 1, 0) if window > 0 else None,
         implementation="cudnn",
-    )
+    )[..., :width]
     return jnp.where(key_pad[:, :, None, None], jnp.zeros((), out.dtype), out)
 
 
 def sliding_window_attention(q, k, v, key_pad, *, window: int, implementation: str = "xla", block: int | None = None):
     """Causal sliding-window attention, linear in T.
 
-    q, k, v: (B, T, N, H); key_pad: (B, T) True at PAD. Position t attends to keys [t-window+1, t] that are not PAD.
+    q, k: (B, T, N, H); v: (B, T, N, H) or one shared head (B, T, 1, C); key_pad: (B, T) True at PAD. Position t
+    attends to keys [t-window+1, t] that are not PAD.
     Queries are cut into blocks of C (default window // 4, at least 16); each block attends to the C + window keys
     that end with it, so the work per query is (C + window) keys instead of the 2 * window of window-sized blocks.
     """
@@ -100,14 +139,14 @@ def sliding_window_attention(q, k, v, key_pad, *, window: int, implementation: s
     padp = jnp.pad(key_pad, ((0, 0), (w, pad_t)), constant_values=True)
     idx = jnp.arange(nb)[:, None] * c + jnp.arange(c + w)[None, :]  # (nb, C+W): block i sees [i*C - W, i*C + C)
     kb = kp[:, idx].reshape(b * nb, c + w, n, h)
-    vb = vp[:, idx].reshape(b * nb, c + w, n, h)
+    vb = vp[:, idx].reshape(b * nb, c + w, *v.shape[2:])
     # Query i of a block (absolute i0 + i) sees key j (absolute i0 - W + j) iff i < j <= i + W.
     i = jnp.arange(c)[:, None]
     j = jnp.arange(c + w)[None, :]
     band = (j > i) & (j <= i + w)  # (C, C+W)
     mask = band[None, None] & ~padp[:, idx][:, :, None, :]  # (B, nb, C, C+W)
     out = _xla_attention(q.reshape(b * nb, c, n, h), kb, vb, mask.reshape(b * nb, 1, c, c + w))
-    return out.reshape(b, nb * c, n, h)[:, :t]
+    return out.reshape(b, nb * c, n, out.shape[-1])[:, :t]
 
 
 def visible_rows(q_row, row_valid, num_rows_visible: int):
@@ -150,8 +189,17 @@ def segment_cross_attention(q, k, v, q_row, row_valid, *, num_rows_visible: int)
 
 
 @struct.dataclass
+class Prefill:
+    """Asks a self-attention (or a block or stack of them) to return, with its full forward pass over a prompt, the
+    cache the prompt leaves. `max_len` is the capacity of full causal layers (sliding-window layers keep `window`
+    slots)."""
+
+    max_len: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
 class KVCache:
-    """Keys and values of one self-attention layer while decoding; position p lives in slot p % C."""
+    """Decode cache of one standard self-attention ('mha'): keys and values; position p lives in slot p % C."""
 
     k: jax.Array  # (B, C, N, H), RoPE applied at each key's own position
     v: jax.Array  # (B, C, N, H)
@@ -159,11 +207,19 @@ class KVCache:
 
 
 @struct.dataclass
-class Prefill:
-    """Asks a self-attention (or a block or stack of them) to return its cache along with the full forward pass.
-    `max_len` is the capacity of full causal layers (sliding-window layers keep `window` slots)."""
+class LatentCache:
+    """Decode cache of one latent self-attention ('mla'): per token the latent (C) and the RoPE'd per-head keys
+    (N x R), never full keys and values. Position p lives in slot p % capacity (a ring of `window` slots for a
+    sliding window, `max_len` for full causal)."""
 
-    max_len: int = struct.field(pytree_node=False)
+    kv_c: jax.Array  # (B, slots, C)
+    k_r: jax.Array  # (B, slots, N, R), RoPE applied at each key's own position
+    valid: jax.Array  # (B, slots) bool: the slot holds a real (non-PAD) key
+
+
+def is_decode_cache(cache) -> bool:
+    """True for a cache to advance one token (either kind), False for None (no cache) or a `Prefill` request."""
+    return isinstance(cache, (KVCache, LatentCache))
 
 
 def prefix_lengths(key_pad: jax.Array) -> jax.Array:
@@ -172,38 +228,32 @@ def prefix_lengths(key_pad: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(~key_pad, jnp.arange(1, t + 1)[None], 0), axis=1).astype(jnp.int32)
 
 
-def kv_cache_from_prefix(k, v, key_pad, capacity: int) -> KVCache:
-    """The cache after the prefix k, v: (B, T, N, H), key_pad (B, T): slot s holds the latest position p < length
-    with p % capacity == s (length = `prefix_lengths(key_pad)`); older positions and PAD keys are invalid."""
+def ring_from_prefix(cls, key_pad, capacity: int, **arrays):
+    """The cache `cls` after a prompt: every array (B, T, ...) of `arrays` gathered so that slot s holds the latest
+    position p < length with p % capacity == s (length = `prefix_lengths(key_pad)`); older positions and PAD keys
+    are invalid."""
     b, t = key_pad.shape
     length = prefix_lengths(key_pad)[:, None]  # (B, 1)
     s = jnp.arange(capacity)[None, :]
     p = length - 1 - jnp.mod(length - 1 - s, capacity)  # (B, C)
-    in_range = (p >= 0) & (p < t)
     pc = jnp.clip(p, 0, t - 1)
     take = jax.vmap(lambda x, i: x[i])
-    valid = in_range & ~jnp.take_along_axis(key_pad, pc, axis=1)
-    return KVCache(k=take(k, pc), v=take(v, pc), valid=valid)
+    valid = (p >= 0) & (p < t) & ~jnp.take_along_axis(key_pad, pc, axis=1)
+    return cls(valid=valid, **{name: take(x, pc) for name, x in arrays.items()})
 
 
-def cached_attention_step(q, k_new, v_new, key_pad, positions, cache: KVCache):
-    """One decoding step: write the new key/value at slot positions % C, then attend over the valid slots.
-
-    q, k_new, v_new: (B, 1, N, H) (RoPE applied); key_pad: (B, 1) True when the new token is PAD; positions: (B,).
-    Returns ((B, 1, N, H), new cache). Rewriting a position that was written before (a rejected candidate) simply
-    replaces it; a ring buffer of C = window slots holds exactly the keys a sliding-window query may see.
-    """
-    chex.assert_rank([q, k_new, v_new], 4)
-    b, c = cache.valid.shape
-    rows = jnp.arange(b)
-    slot = jnp.mod(positions, c)
-    cache = KVCache(
-        k=cache.k.at[rows, slot].set(k_new[:, 0].astype(cache.k.dtype)),
-        v=cache.v.at[rows, slot].set(v_new[:, 0].astype(cache.v.dtype)),
-        valid=cache.valid.at[rows, slot].set(~key_pad[:, 0]),
-    )
-    out = _xla_attention(q, cache.k, cache.v, cache.valid[:, None, None, :])
-    return out, cache
+def ring_write(cache, key_pad, positions, **new):
+    """`cache` with each new token's arrays `new` (B, 1, ...) written at slot positions % C (positions (B,)) and the
+    slot marked valid unless the token is PAD (key_pad (B, 1)). Rewriting a position that was written before (a
+    rejected candidate) simply replaces it; a ring of C = window slots holds exactly the keys a sliding-window query
+    may see."""
+    rows = jnp.arange(cache.valid.shape[0])
+    slot = jnp.mod(positions, cache.valid.shape[1])
+    writes = {}
+    for name, x in new.items():
+        buf = getattr(cache, name)
+        writes[name] = buf.at[rows, slot].set(x[:, 0].astype(buf.dtype))
+    return cache.replace(valid=cache.valid.at[rows, slot].set(~key_pad[:, 0]), **writes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,9 +290,10 @@ class SelfAttention(_Projections):
     def __call__(self, x, key_pad, positions, cache=None):
         if isinstance(cache, KVCache):
             pos = positions[:, None]  # (B, 1)
-            q = apply_rope(self.proj(x, "q"), pos)
             k = apply_rope(self.proj(x, "k"), pos)
-            o, cache = cached_attention_step(q, k, self.proj(x, "v"), key_pad, positions, cache)
+            cache = ring_write(cache, key_pad, positions, k=k, v=self.proj(x, "v"))
+            q = apply_rope(self.proj(x, "q"), pos)
+            o = _xla_attention(q, cache.k, cache.v, cache.valid[:, None, None, :])
             return self.out(o, x.shape[-1]), cache
         q = apply_rope(self.proj(x, "q"), positions)
         k = apply_rope(self.proj(x, "k"), positions)
@@ -254,7 +305,7 @@ class SelfAttention(_Projections):
             o = causal_attention(q, k, v, key_pad, implementation=self.implementation)
         out = self.out(o, x.shape[-1])
         if isinstance(cache, Prefill):
-            return out, kv_cache_from_prefix(k, v, key_pad, self.window if self.window > 0 else cache.max_len)
+            return out, ring_from_prefix(KVCache, key_pad, self.window or cache.max_len, k=k, v=v)
         return out
 
 
@@ -288,3 +339,171 @@ class SegmentCrossAttention(_Projections):
         v = self.proj(memory, "v")
         o = segment_cross_attention(q, k, v, q_row, row_valid, num_rows_visible=c)
         return self.out(o, x.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-head latent attention
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Which self-attention a block builds (docs/ARCHITECTURE.md 3.1).
+
+    kind 'mha': standard multi-head attention, head width D // num_heads. kind 'mla': multi-head latent attention
+    with per-head width `head_dim`, the shared key/value latent `kv_comp_dim`, the per-head query compression
+    `q_comp_dim` and the per-head RoPE'd scoring width `retr_dim`; `mix` adds the D x D output mix that the
+    original's causal MLA (top transformer, expander) applies after the output projection.
+    """
+
+    kind: str = "mha"
+    head_dim: int = 0
+    kv_comp_dim: int = 0
+    q_comp_dim: int = 0
+    retr_dim: int = 0
+    mix: bool = False
+
+
+def fan_in_uniform(scale: float = 1.0):
+    """U(-b, b), b = scale / sqrt(shape[1] * shape[2]): the original's init of its per-head (H, a, b) latent tensors
+    (torch's kaiming_uniform(a=sqrt(5)) takes shape[1] * shape[2] as a 3-D tensor's fan-in)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        bound = scale / math.sqrt(shape[1] * shape[2])
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class LatentSelfAttention(nn.Module):
+    """Multi-head latent attention (docs/ARCHITECTURE.md 3.1), causal; `window` > 0 = sliding window.
+
+    Per token x (D): the latent kv_c = x W_kv (C = kv_comp_dim, zero at PAD) is every head's value; head h scores
+    with q_r = ((x W_q)_h A_h) B_h (D -> head_dim -> q_comp_dim -> retr_dim) against k_r = kv_c K_h (C -> retr_dim),
+    both RoPE'd, scaled by 1/sqrt(retr_dim); the head's context (C) goes up to head_dim through U_h, the heads are
+    concatenated and projected to D (then mixed by a D x D matrix when `mix`). The chains of per-head matrices are
+    multiplied together first whenever that is cheaper per token (same function, same parameters).
+    """
+
+    features: int  # D
+    num_heads: int
+    head_dim: int
+    kv_comp_dim: int
+    q_comp_dim: int
+    retr_dim: int
+    mix: bool = False
+    window: int = 0
+    implementation: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        d, n, k = self.features, self.num_heads, self.head_dim
+        c, cq, r = self.kv_comp_dim, self.q_comp_dim, self.retr_dim
+        latent = fan_in_uniform()
+        self.w_q = self.param("q", kernel_init(axes.EMBED, axes.HEADS, axes.KV), (d, n, k))
+        self.w_q_down = self.param("q_down", kernel_init(axes.HEADS, axes.KV, axes.LATENT, init=latent), (n, k, cq))
+        self.w_q_retr = self.param(
+            "q_retr",
+            kernel_init(axes.HEADS, axes.LATENT, axes.RETRIEVAL, init=fan_in_uniform(1.0 / math.sqrt(r))),
+            (n, cq, r),
+        )
+        self.w_kv = self.param("kv_down", kernel_init(axes.EMBED, axes.LATENT), (d, c))
+        retr_axes = (axes.HEADS, axes.LATENT, axes.RETRIEVAL)
+        self.w_k_retr = self.param("k_retr", kernel_init(*retr_axes, init=latent), (n, c, r))
+        self.w_v_up = self.param("v_up", kernel_init(axes.HEADS, axes.LATENT, axes.KV, init=latent), (n, c, k))
+        self.w_o = self.param("o", kernel_init(axes.HEADS, axes.KV, axes.EMBED), (n, k, d))
+        if self.mix:
+            self.w_mix = self.param("mix", kernel_init(axes.EMBED, axes.EMBED_OUT), (d, d))
+
+    # -- projections ---------------------------------------------------------------------------------------------
+
+    def _queries(self, x):  # (B, T, D) -> (B, T, N, R)
+        d, k, cq, r = self.features, self.head_dim, self.q_comp_dim, self.retr_dim
+        x = x.astype(self.dtype)
+        if d * r <= d * k + k * cq + cq * r:  # fused (D, N, R) matrix: fewer multiply-adds per token
+            a = jnp.einsum("nkc,ncr->nkr", self.w_q_down, self.w_q_retr)
+            w = jnp.einsum("dnk,nkr->dnr", self.w_q, a)
+            return token_matmul(x, w.astype(self.dtype))
+        q = token_matmul(x, self.w_q.astype(self.dtype))  # (B, T, N, K)
+        q = jnp.einsum("btnk,nkc->btnc", q, self.w_q_down.astype(self.dtype))
+        return jnp.einsum("btnc,ncr->btnr", q, self.w_q_retr.astype(self.dtype))
+
+    def _latent(self, x, key_pad, positions):  # -> kv_c (B, T, C), k_r (B, T, N, R) RoPE'd
+        kv_c = token_matmul(x.astype(self.dtype), self.w_kv.astype(self.dtype))
+        kv_c = jnp.where(key_pad[..., None], jnp.zeros((), kv_c.dtype), kv_c)
+        k_r = token_matmul(kv_c, jnp.swapaxes(self.w_k_retr, 0, 1).astype(self.dtype))  # (C, N, R)
+        return kv_c, apply_rope(k_r, positions)
+
+    def _output(self, ctx):  # (B, T, N, C) -> (B, T, D)
+        d, n, k, c = self.features, self.num_heads, self.head_dim, self.kv_comp_dim
+        chain = n * c * k + n * k * d + (d * d if self.mix else 0)
+        if n * c * d <= chain:  # fused (N, C, D) matrix
+            u = jnp.einsum("nck,nkd->ncd", self.w_v_up, self.w_o)
+            if self.mix:
+                u = jnp.einsum("ncd,de->nce", u, self.w_mix)
+            return token_matmul(ctx, u.astype(self.dtype), n_in=2)
+        h = jnp.einsum("btnc,nck->btnk", ctx, self.w_v_up.astype(self.dtype))
+        out = token_matmul(h, self.w_o.astype(self.dtype), n_in=2)
+        return token_matmul(out, self.w_mix.astype(self.dtype)) if self.mix else out
+
+    # -- training / full-sequence forward -----------------------------------------------------------------------
+
+    def __call__(self, x, key_pad, positions, cache=None):
+        """cache=None: the full forward pass, x (B, T, D), positions (T,) | (B, T) -> (B, T, D).
+        cache=Prefill(max_len): the same, plus the LatentCache the prompt leaves -> ((B, T, D), LatentCache).
+        cache=<LatentCache>: one decoding step, x (B, 1, D), key_pad (B, 1), positions (B,) -> ((B, 1, D), cache)."""
+        if isinstance(cache, LatentCache):
+            return self._step(x, key_pad, positions, cache)
+        out, kv_c, k_r = self._forward(x, key_pad, positions)
+        if isinstance(cache, Prefill):
+            return out, ring_from_prefix(LatentCache, key_pad, self.window or cache.max_len, kv_c=kv_c, k_r=k_r)
+        return out
+
+    def _forward(self, x, key_pad, positions):  # -> out (B, T, D), kv_c (B, T, C), k_r (B, T, N, R)
+        q_r = apply_rope(self._queries(x), positions)
+        kv_c, k_r = self._latent(x, key_pad, positions)
+        q_r, k_r = (constrain(a, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None)) for a in (q_r, k_r))
+        v = kv_c[:, :, None, :]  # (B, T, 1, C): one value head shared by all heads
+        if self.window > 0:
+            ctx = sliding_window_attention(q_r, k_r, v, key_pad, window=self.window, implementation=self.implementation)
+        else:
+            ctx = causal_attention(q_r, k_r, v, key_pad, implementation=self.implementation)
+        return self._output(ctx), kv_c, k_r
+
+    # -- decoding with a cache ----------------------------------------------------------------------------------
+
+    def _step(self, x, key_pad, positions, cache: LatentCache):
+        """Write the new token's latent and keys at slot positions % slots (`ring_write`), then attend over the
+        valid slots."""
+        pos = positions[:, None]  # (B, 1)
+        q_r = apply_rope(self._queries(x), pos)
+        kv_c, k_r = self._latent(x, key_pad, pos)
+        cache = ring_write(cache, key_pad, positions, kv_c=kv_c, k_r=k_r)
+        ctx = _xla_attention(q_r, cache.k_r, cache.kv_c[:, :, None, :], cache.valid[:, None, None, :])
+        return self._output(ctx), cache
+
+
+def self_attention(spec: AttentionSpec, features: int, num_heads: int, window: int, implementation, dtype, name):
+    """The self-attention module that `spec` describes (standard or latent)."""
+    if spec.kind == "mla":
+        return LatentSelfAttention(
+            features=features,
+            num_heads=num_heads,
+            head_dim=spec.head_dim,
+            kv_comp_dim=spec.kv_comp_dim,
+            q_comp_dim=spec.q_comp_dim,
+            retr_dim=spec.retr_dim,
+            mix=spec.mix,
+            window=window,
+            implementation=implementation,
+            dtype=dtype,
+            name=name,
+        )
+    return SelfAttention(
+        num_heads=num_heads,
+        head_dim=features // num_heads,
+        window=window,
+        implementation=implementation,
+        dtype=dtype,
+        name=name,
+    )

@@ -16,6 +16,8 @@ KV = "kv"  # per-head width
 VOCAB = "vocab"  # token / code vocabularies (and codebook rows)
 CODE = "code"  # low-rank code width d_c
 QUERIES = "queries"  # learned pooling queries
+LATENT = "latent"  # multi-head latent attention's compressed widths (kv_comp_dim, q_comp_dim)
+RETRIEVAL = "retrieval"  # multi-head latent attention's per-head scoring width retr_dim (RoPE'd)
 
 # Activation axes.
 BATCH = "batch"
@@ -24,7 +26,7 @@ ACT_EMBED = "act_embed"
 ACT_HEADS = "act_heads"
 ACT_MLP = "act_mlp"
 
-PARAM_AXES = frozenset({EMBED, EMBED_OUT, MLP, HEADS, KV, VOCAB, CODE, QUERIES})
+PARAM_AXES = frozenset({EMBED, EMBED_OUT, MLP, HEADS, KV, VOCAB, CODE, QUERIES, LATENT, RETRIEVAL})
 ACTIVATION_AXES = frozenset({BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP})
 
 

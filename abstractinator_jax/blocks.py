@@ -1,44 +1,72 @@
-"""Pre-norm transformer blocks (ARCHITECTURE 3.1), and `run_stack`, which runs a list of them with or without
-decoding caches.
+"""Pre-norm transformer blocks (docs/ARCHITECTURE.md 3.1): `TransformerBlock` (causal self-attention, sliding-window
+or full, then SwiGLU) for the compressor stacks and the top transformer, and `DecoderBlock` (self-attention,
+segment-causal cross-attention into memory rows, SwiGLU) for the expander. Each adds its sublayers residually to
+RMSNorm'ed inputs; the self-attention is standard or latent as an `AttentionSpec` says (built from the config by
+`compressor_attention`, `expander_attention`, `top_attention`); the attention itself lives in attention.py.
 
-Every block takes an optional `cache` (see attention.SelfAttention): None for the full forward pass, `Prefill(max_len)`
-to also return the cache a prompt leaves, a `KVCache` to advance one token; with a cache the block returns
-(output, cache)."""
+Decoding: every block takes an optional `cache`, passed to its self-attention whichever kind it is (attention.py):
+None for the full forward pass, `Prefill(max_len)` to also return the cache a prompt leaves, a decode cache
+(`KVCache` for 'mha', `LatentCache` for 'mla') to advance one token per row; with a cache the block returns
+(output, cache). `run_stack` runs a list of blocks the same way."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import linen as nn
+from ml_collections import ConfigDict
 
 from . import axes
-from .attention import KVCache, Prefill, SegmentCrossAttention, SelfAttention
+from .attention import AttentionSpec, Prefill, SegmentCrossAttention, is_decode_cache, self_attention
+from .config import compressor_mla_dims, expander_mla_dims, top_mla_dims
 from .layers import SwiGLU, constrain, rms_norm
+
+
+def compressor_attention(lv: ConfigDict) -> AttentionSpec:
+    """A level's compressor blocks: latent attention without the output mix (the original never applies it)."""
+    if lv.attention_type == "mla":
+        return AttentionSpec("mla", **compressor_mla_dims(lv), mix=False)
+    return AttentionSpec("mha")
+
+
+def expander_attention(lv: ConfigDict) -> AttentionSpec:
+    """A level's expander self-attention: latent attention with the output mix, sized from D and d_heads."""
+    if lv.attention_type == "mla":
+        return AttentionSpec("mla", **expander_mla_dims(lv), mix=True)
+    return AttentionSpec("mha")
+
+
+def top_attention(top: ConfigDict) -> AttentionSpec:
+    """The top transformer's blocks: latent attention with the output mix."""
+    if top.attention_type == "mla":
+        return AttentionSpec("mla", **top_mla_dims(top), mix=True)
+    return AttentionSpec("mha")
 
 
 class TransformerBlock(nn.Module):
     """RMSNorm -> causal self-attention (sliding window when window > 0) -> residual; RMSNorm -> SwiGLU -> residual."""
 
+    features: int  # D
     num_heads: int
     window: int
+    attention: AttentionSpec = AttentionSpec()
     ffn_mult: int = 4
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, key_pad, positions, cache=None):  # (B, S, D), (B, S), (S,) -> (B, S, D) [, cache]
-        d = x.shape[-1]
-        attn = SelfAttention(
-            num_heads=self.num_heads,
-            head_dim=d // self.num_heads,
-            window=self.window,
-            implementation=self.implementation,
-            dtype=self.dtype,
-            name="attn",
+    def setup(self):
+        self.attn_norm = rms_norm(dtype=self.dtype)
+        self.attn = self_attention(
+            self.attention, self.features, self.num_heads, self.window, self.implementation, self.dtype, None
         )
-        a = attn(rms_norm(dtype=self.dtype, name="attn_norm")(x), key_pad, positions, cache)
+        self.ffn_norm = rms_norm(dtype=self.dtype)
+        self.ffn = SwiGLU(self.ffn_mult * self.features, dtype=self.dtype)
+
+    def __call__(self, x, key_pad, positions, cache=None):
+        """(B, S, D), (B, S), positions (S,) | (B, S) -> (B, S, D); with a `cache` (module docstring) -> (x, cache)."""
+        a = self.attn(self.attn_norm(x), key_pad, positions, cache)
         a, cache = a if cache is not None else (a, None)
         x = x + a
-        x = x + SwiGLU(self.ffn_mult * d, dtype=self.dtype, name="ffn")(rms_norm(dtype=self.dtype, name="ffn_norm")(x))
+        x = x + self.ffn(self.ffn_norm(x))
         x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
         return x if cache is None else (x, cache)
 
@@ -49,6 +77,7 @@ class DecoderBlock(nn.Module):
     num_heads: int
     window: int
     cross_window: int
+    attention: AttentionSpec = AttentionSpec()
     rows_per_segment: int = 1
     ffn_mult: int = 4
     implementation: str = "xla"
@@ -58,27 +87,21 @@ class DecoderBlock(nn.Module):
     def __call__(self, x, key_pad, positions, memory, row_valid, seg_id, cache=None):
         """x (B, T, D), key_pad (B, T), memory (B, R, D), row_valid (B, R), seg_id (B, T) -> (B, T, D) [, cache]."""
         d = x.shape[-1]
-        hd = d // self.num_heads
-        self_attn = SelfAttention(
-            num_heads=self.num_heads,
-            head_dim=hd,
-            window=self.window,
-            implementation=self.implementation,
-            dtype=self.dtype,
-            name="self_attn",
+        self_attn = self_attention(
+            self.attention, d, self.num_heads, self.window, self.implementation, self.dtype, "self_attn"
         )
         a = self_attn(rms_norm(dtype=self.dtype, name="self_norm")(x), key_pad, positions, cache)
         a, cache = a if cache is not None else (a, None)
         x = x + a
         cross = SegmentCrossAttention(
             num_heads=self.num_heads,
-            head_dim=hd,
+            head_dim=d // self.num_heads,
             rows_per_segment=self.rows_per_segment,
             lookback=self.cross_window,
             dtype=self.dtype,
             name="cross_attn",
         )
-        step = isinstance(cache, KVCache)
+        step = is_decode_cache(cache)
         x = x + cross(rms_norm(dtype=self.dtype, name="cross_norm")(x), memory, row_valid, seg_id, gather_rows=step)
         x = x + SwiGLU(self.ffn_mult * d, dtype=self.dtype, name="ffn")(rms_norm(dtype=self.dtype, name="ffn_norm")(x))
         x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
@@ -86,9 +109,9 @@ class DecoderBlock(nn.Module):
 
 
 def run_stack(blocks, x, key_pad, positions, *extra, cache=None):
-    """Apply `blocks` in order. cache: None -> x; Prefill -> (x, [KVCache per block]); [KVCache per block] (one
-    decoding step) -> (x, [KVCache per block]). `extra` goes to every block after the positions (DecoderBlock's
-    memory, row_valid, seg_id)."""
+    """Apply `blocks` in order. cache: None -> x; Prefill -> (x, [cache per block]); [cache per block] (one decoding
+    step) -> (x, [cache per block]), each a KVCache or a LatentCache as the block's attention is. `extra` goes to
+    every block after the positions (DecoderBlock's memory, row_valid, seg_id)."""
     if cache is None:
         for blk in blocks:
             x = blk(x, key_pad, positions, *extra)

@@ -19,6 +19,12 @@ background write, raises ``CheckpointError``; nothing is dropped silently.
 
 Restoring checks the saved tree against the caller's template first and reports every path whose key, shape or
 dtype differs, instead of Orbax's deep traceback.
+
+Integrity: every save records checksums of what it writes (integrity.py: per-array sums of the state computed on the
+devices, sha256 of the iterator state and the config) in the step's Orbax metadata (``_CHECKPOINT_METADATA``), and
+every restore recomputes them from what it read. A step that cannot be read, or reads back differently, raises
+``CheckpointDamaged`` (one line: the step and the first problem); ``intact_steps`` lists the steps that verify.
+Checkpoints saved before checksums existed restore with a warning that they are unverified.
 """
 
 from __future__ import annotations
@@ -35,10 +41,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from . import integrity
 from .config import to_dict
 
 __all__ = [
     "CHECKPOINT_SUBDIR",
+    "CheckpointDamaged",
     "CheckpointError",
     "CheckpointManager",
     "resolve_init_from",
@@ -47,12 +55,30 @@ __all__ = [
 CHECKPOINT_SUBDIR = "checkpoints"
 _STATE, _DATA, _CONFIG = "state", "data", "config"
 _MAX_LISTED = 20  # mismatching paths listed in one error message
+_INTEGRITY = "integrity"  # key of the checksums in a step's custom metadata
+_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not fit the model. The message names the problem and the fix."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint step cannot be read or does not match the checksums recorded when it was saved."""
+
+    def __init__(self, directory: Path, step: int, problems: list[str]):
+        self.step, self.problems = step, problems
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        super().__init__(f"checkpoint step {step} under {directory} is damaged: {problems[0]}{more}")
+
+
+def _short(e: BaseException, limit: int = 240) -> str:
+    """An exception as one short line (TensorStore errors carry pages of spec)."""
+    text = " ".join(str(e).split("See full TensorStore details")[0].split()) or "(no message)"
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,6 +242,7 @@ class CheckpointManager:
         self._partial_mngr: ocp.CheckpointManager | None = None
         self._closed = False
         self._pending_step: int | None = None
+        self._unverified_warned: set[int] = set()
 
     def _new_manager(self, partial: bool) -> ocp.CheckpointManager:
         if partial:  # only restores
@@ -265,13 +292,71 @@ class CheckpointManager:
 
     def _item_metadata(self, step: int) -> Any:
         try:
-            return self._mngr.item_metadata(step)
+            metadata = self._mngr.item_metadata(step)
         except Exception as e:  # an incomplete or foreign directory
-            raise CheckpointError(
-                f"cannot read the checkpoint metadata of step {step} under {self.directory} ({type(e).__name__}: "
-                f"{e}); the checkpoint is incomplete or was not written by this program. Delete "
-                f"{self.directory / str(step)} or restore another step ({self.all_steps()})."
+            raise CheckpointDamaged(
+                self.directory, step, [f"its metadata cannot be read ({_short(e)}); it is incomplete or foreign"]
             ) from e
+        if metadata is not None and _STATE in self._items(metadata) and metadata[_STATE] is None:
+            missing = self.directory / str(step) / _STATE / "_METADATA"
+            raise CheckpointDamaged(self.directory, step, [f"the state's metadata {missing} is missing or unreadable"])
+        return metadata
+
+    def _saved_checksums(self, step: int) -> dict | None:
+        """The checksums recorded at save time, or None for a checkpoint saved before they existed."""
+        path = self.directory / str(step) / _STEP_METADATA_FILE
+        if not path.is_file():
+            raise CheckpointDamaged(self.directory, step, [f"{path} is missing"])
+        try:
+            custom = json.loads(path.read_text()).get("custom_metadata") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise CheckpointDamaged(self.directory, step, [f"{path} cannot be read ({_short(e)})"]) from e
+        found = custom.get(_INTEGRITY)
+        if found is None:
+            if step not in self._unverified_warned:
+                self._unverified_warned.add(step)
+                log.warning(
+                    "checkpoint step %d under %s has no checksums (saved by an older version); not verified",
+                    step,
+                    self.directory,
+                )
+            return None
+        if not isinstance(found, dict) or found.get("format") != integrity.FORMAT:
+            raise CheckpointDamaged(self.directory, step, [f"{path} holds checksums in an unknown format"])
+        return found
+
+    def verify(self, step: int, state: Any = None, data_iterator: Any = None, config: Any = None) -> None:
+        """Raise CheckpointDamaged unless the restored parts given match the checksums saved with ``step``. ``state``
+        may be a subtree of the saved state (a partial restore): only its paths are compared."""
+        saved = self._saved_checksums(step)
+        if saved is None:
+            return
+        problems = []
+        if state is not None:
+            got = integrity.array_checksums(state)
+            want = {p: c for p, c in saved[_STATE].items() if p in got}
+            problems += integrity.compare(want, got, "array")
+            problems += [f"array {p}: restored but has no saved checksum" for p in got if p not in saved[_STATE]]
+        if data_iterator is not None and integrity.json_digest(data_iterator.get_state()) != saved.get(_DATA):
+            problems.append("the data iterator's state reads back differently from the one saved")
+        if config is not None and integrity.json_digest(config) != saved.get(_CONFIG):
+            problems.append("the config reads back differently from the one saved")
+        if problems:
+            raise CheckpointDamaged(self.directory, step, problems)
+
+    def intact_steps(self, abstract_state: Any = None, exclude: tuple[int, ...] = ()) -> list[int]:
+        """Steps (oldest first) that restore and match their checksums; reads every step, so it is slow for big
+        states. ``abstract_state``: the restore template (None: the saved tree as is)."""
+        good = []
+        for step in self.all_steps():
+            if step in exclude:
+                continue
+            try:
+                self.restore(step, abstract_state=abstract_state)
+            except CheckpointDamaged:
+                continue
+            good.append(step)
+        return good
 
     @staticmethod
     def _items(metadata: Any) -> set[str]:
@@ -316,11 +401,17 @@ class CheckpointManager:
                     "iterator (iter(grain.IterDataset) or iter(grain.DataLoader))."
                 )
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        checksums: dict[str, Any] = {"format": integrity.FORMAT, _STATE: integrity.array_checksums(state)}
+        if data_iterator is not None:
+            checksums[_DATA] = integrity.json_digest(data_iterator.get_state())
         if config is not None:
             items[_CONFIG] = ocp.args.JsonSave(_config_to_dict(config))
+            checksums[_CONFIG] = integrity.json_digest(_config_to_dict(config))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+            saved = self._mngr.save(
+                step, args=ocp.args.Composite(**items), force=force, custom_metadata={_INTEGRITY: checksums}
+            )
         except Exception as e:
             raise CheckpointError(
                 f"saving the checkpoint for step {step} under {self.directory} failed: {type(e).__name__}: {e}"
@@ -345,6 +436,16 @@ class CheckpointManager:
                 f"the checkpoint for step {pending} under {self.directory} was not completed (see the log above for "
                 "Orbax's error); the previous checkpoints are intact."
             )
+
+    def reload(self) -> None:
+        """Re-read the directory (after steps were moved or deleted by hand)."""
+        self._mngr.reload()
+
+    def check_background_save(self) -> None:
+        """Raise ``CheckpointError`` if a background save has finished and failed; never blocks on one in progress.
+        Cheap enough to call every step, so a failed save stops a run at once rather than at the next save."""
+        if self._pending_step is not None and not self._mngr.is_saving_in_progress():
+            self.wait()
 
     def close(self) -> None:
         """Wait for pending saves, then release Orbax's resources. Idempotent."""
@@ -372,11 +473,11 @@ class CheckpointManager:
         if _CONFIG not in self._items(self._item_metadata(step)):
             return None
         try:
-            return self._mngr.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+            config = self._mngr.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
         except Exception as e:
-            raise CheckpointError(
-                f"reading the config of step {step} under {self.directory} failed: {type(e).__name__}: {e}"
-            ) from e
+            raise CheckpointDamaged(self.directory, step, [f"its config cannot be read ({_short(e)})"]) from e
+        self.verify(step, config=config)
+        return config
 
     def restore(
         self,
@@ -463,7 +564,8 @@ class CheckpointManager:
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
-            raise CheckpointError(f"restoring step {step} from {self.directory} failed: {type(e).__name__}: {e}") from e
+            raise CheckpointDamaged(self.directory, step, [f"reading it failed ({_short(e)})"]) from e
+        self.verify(step, restored[_STATE], data_iterator, restored[_CONFIG] if _CONFIG in items else None)
 
         state = restored[_STATE]
         if abstract_state is not None:

@@ -1,4 +1,6 @@
-"""Command-line helpers shared by train.py, evaluate.py and bench/: clear errors before absl's own."""
+"""Command-line helpers shared by train.py, evaluate.py and bench/: loading a config file, and clear one-line errors
+(`error: ...`, exit 2) for unknown `--config.<key>` overrides and other bad input, raised before absl or JAX would
+print a traceback."""
 
 from __future__ import annotations
 

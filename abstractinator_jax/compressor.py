@@ -1,6 +1,7 @@
-"""The segment compressor (ARCHITECTURE 3.2-3.4): shared stack, entropy branch, segmentation, compression branch,
-learned-query pooling. The quantizer (3.6) slots in after pooling. The stacks and entropy models also run as
-decoders (prefill + one token at a time, with caches: see blocks.run_stack) for generation."""
+"""The segment compressor (docs/ARCHITECTURE.md 3.2-3.4): the shared stack, the entropy branch (logit or gaussian
+entropy model), segmentation, the compression branch, learned-query pooling and the optional residual quantizer
+(3.6), producing a level's `CompressorOutput`. The stacks and entropy models also run as decoders (prefill + one
+token at a time, with caches: see blocks.run_stack) for generation (generation.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from flax import struct
 from ml_collections import ConfigDict
 
 from . import axes
-from .blocks import TransformerBlock, run_stack
+from .blocks import TransformerBlock, compressor_attention, run_stack
 from .config import num_compression_layers, num_lm_layers
 from .layers import constrain, dense, kernel_init, rms_norm, token_matmul
 from .losses import masked_mean, token_nll
@@ -28,6 +29,7 @@ LN2 = math.log(2.0)
 class EntropyOut:
     bits: jax.Array  # (B, S) float32; bits[t] = uncertainty about token t given tokens < t; bits[:, 0] = 0
     loss: jax.Array  # () float32, mean over real targets t >= 1
+    logits: jax.Array | None = None  # (B, S, V) float32 logit model: logits[:, t] predicts token t+1; None (gaussian)
 
 
 @struct.dataclass
@@ -46,8 +48,10 @@ class CompressorOutput:
 def _stack(cfg, n_layers, window, impl, dtype, name):
     return [
         TransformerBlock(
+            features=cfg.D,
             num_heads=cfg.c_heads,
             window=window,
+            attention=compressor_attention(cfg),
             ffn_mult=cfg.ffn_mult,
             implementation=impl,
             dtype=dtype,
@@ -95,7 +99,7 @@ class LogitEntropyModel(nn.Module):
         logits = self.predict(x, key_pad, positions)
         bits = jnp.pad(logit_bits(logits[:, :-1]), ((0, 0), (1, 0)))  # predictions for tokens 1..S-1
         loss = masked_mean(token_nll(logits[:, :-1], ids[:, 1:]), ~key_pad[:, 1:])
-        return EntropyOut(bits=bits, loss=loss)
+        return EntropyOut(bits=bits, loss=loss, logits=logits)
 
 
 class GaussianEntropyModel(nn.Module):
@@ -130,7 +134,8 @@ class GaussianEntropyModel(nn.Module):
 
 
 class LearnedQueryPooling(nn.Module):
-    """L learned queries per segment attend to the segment's own non-PAD tokens (ARCHITECTURE 3.4), linear in S.
+    """L learned queries per segment attend to the segment's own non-PAD tokens (docs/ARCHITECTURE.md 3.4); linear
+    in S.
 
     `token_scores` and `finish` are the two halves around the per-segment softmax, so that decoding can pool a
     segment incrementally (an online softmax over its tokens) with the same parameters."""

@@ -18,7 +18,7 @@ from ml_collections import ConfigDict, FieldReference
 
 log = logging.getLogger("abstractinator_jax")
 
-# Byte vocabulary (ARCHITECTURE 2).
+# Byte vocabulary (docs/ARCHITECTURE.md 2).
 BYTE_VOCAB = 260
 BOS_ID, EOS_ID, PAD_ID, EOP_ID = 256, 257, 258, 259
 
@@ -38,19 +38,18 @@ def level_defaults() -> ConfigDict:
     # Shared / tokens.
     c.vocab_size = BYTE_VOCAB
     c.D = 512
-    c.eos_id = EOS_ID
-    c.eop_id = EOP_ID
-    c.bos_id = BOS_ID
-    c.pad_id = PAD_ID
-    c.attention_type = "mha"  # 'mha' now; 'mla' (multi-head latent attention) is planned.
+    # Self-attention of the compressor blocks and the expander (docs/ARCHITECTURE.md 3.1): 'mla' (multi-head latent
+    # attention, the original's) or 'mha' (standard multi-head attention). Pooling and cross-attention are standard.
+    c.attention_type = "mla"
     c.ffn_mult = 4  # SwiGLU hidden = ffn_mult * D (the reference's encoder_ffn_dim_multiplier).
     # Compressor.
     c.c_heads = 8
     c.c_window = 128
-    c.c_head_dim = _opt(64, int)  # MLA only; MHA uses D // c_heads.
-    c.c_kv_comp_dim = _opt(64, int)  # MLA only.
-    c.c_q_comp_dim = _opt(128, int)  # MLA only.
-    c.c_retr_dim = _opt(32, int)  # MLA only.
+    # Compressor MLA sizes (the expander's are derived from D and d_heads, as in the original: expander_mla_dims).
+    c.c_head_dim = 64  # per-head width (MHA uses D // c_heads)
+    c.c_kv_comp_dim = 64  # the per-token key/value latent, every head's value
+    c.c_q_comp_dim = 128  # per-head query compression
+    c.c_retr_dim = 32  # per-head scoring width, RoPE'd (even)
     c.c_num_encoder_layers = 6
     c.c_num_shared_encoder_layers = 0
     c.c_num_lm_encoder_layers = _opt(4, int)  # None -> c_num_encoder_layers
@@ -60,7 +59,7 @@ def level_defaults() -> ConfigDict:
     c.c_entropy_delta = 0.2
     c.c_entropy_abs_threshold = _opt(None, float)
     c.c_output_length = 1024
-    # Quantizer (ARCHITECTURE 3.6); c_vq_K = 0 means no quantizer.
+    # Quantizer (docs/ARCHITECTURE.md 3.6); c_vq_K = 0 means no quantizer.
     c.c_vq_K = 0
     c.c_vq_depth = 1
     c.c_vq_d_c = _opt(None, int)
@@ -79,14 +78,11 @@ def level_defaults() -> ConfigDict:
     c.d_cross_window = 1
     c.d_residual_conditioning = True
     c.d_use_sqdist_logits = False
-    c.d_predict_specials = False
-    c.d_max_len = 2048
     c.d_lo_d_c = 64
     # Generation.
     c.gen_max_segment_len = 32  # cap on a generated segment's length (ids), a few times a typical mean segment
     # Loss weights.
     c.w_code_ce = 1.0
-    c.w_special_ce = 1.0
     c.w_byte_lm_ce = 1.0
     c.w_vq = 1.0
     return c
@@ -105,7 +101,7 @@ def num_compression_layers(lv: ConfigDict) -> int:
 
 
 def top_transformer_defaults() -> ConfigDict:
-    """The reference's TopTransformerConfig (used from the hierarchy issue on)."""
+    """The top transformer (the reference's TopTransformerConfig)."""
     c = ConfigDict()
     c.embed_dim = 512
     c.dim = 512
@@ -113,16 +109,30 @@ def top_transformer_defaults() -> ConfigDict:
     c.num_heads = 8
     c.ffn_dim_multiplier = 4
     c.continuous = False
-    c.mse_weight = 1.0
-    c.ce_weight = 1.0
-    c.head_dim = _opt(64, int)
-    c.kv_comp_dim = _opt(64, int)
-    c.q_comp_dim = _opt(128, int)
-    c.retr_dim = _opt(32, int)
-    c.lm_window = _opt(128, int)
-    c.lm_fixed_length = _opt(1024, int)
-    c.lm_pad_id = PAD_ID
+    c.attention_type = "mla"  # 'mla' (the original's) or 'mha'
+    c.head_dim = 64  # MLA sizes, as the compressor's c_head_dim, c_kv_comp_dim, c_q_comp_dim, c_retr_dim
+    c.kv_comp_dim = 64
+    c.q_comp_dim = 128
+    c.retr_dim = 32
     return c
+
+
+def compressor_mla_dims(lv: ConfigDict) -> dict:
+    """Sizes of a level's compressor latent attention (its c_* keys)."""
+    return dict(
+        head_dim=lv.c_head_dim, kv_comp_dim=lv.c_kv_comp_dim, q_comp_dim=lv.c_q_comp_dim, retr_dim=lv.c_retr_dim
+    )
+
+
+def expander_mla_dims(lv: ConfigDict) -> dict:
+    """Sizes of a level's expander self-attention, derived as the original derives them (its decoder block passes
+    kv_comp_dim = D // 16, q_comp_dim = D // 32, retr_dim = D // d_heads and leaves head_dim at its default 64)."""
+    return dict(head_dim=64, kv_comp_dim=lv.D // 16, q_comp_dim=lv.D // 32, retr_dim=lv.D // lv.d_heads)
+
+
+def top_mla_dims(top: ConfigDict) -> dict:
+    """Sizes of the top transformer's latent attention."""
+    return dict(head_dim=top.head_dim, kv_comp_dim=top.kv_comp_dim, q_comp_dim=top.q_comp_dim, retr_dim=top.retr_dim)
 
 
 def data_defaults() -> ConfigDict:
@@ -156,11 +166,10 @@ def base_config() -> ConfigDict:
     c.levels = [level_defaults()]
     c.use_top_code_lm = False
     c.top_transformer_config = top_transformer_defaults()
-    c.aux_lm_loss_weight = 1.0
+    # The top loss enters the total as top_lm_loss_weight * (top_lm_mse_weight * MSE | top_lm_ce_weight * CE).
     c.top_lm_loss_weight = 1.0
     c.top_lm_mse_weight = 1.0
     c.top_lm_ce_weight = 1.0
-    c.propagate_key_padding_mask = True
     # Optimisation.
     c.learning_rate = 5e-4
     c.min_lr = 1e-6  # floor of the cosine decay (reference: scheduler_specific_kwargs.min_lr)
@@ -170,12 +179,14 @@ def base_config() -> ConfigDict:
     c.adam_b2 = 0.95
     c.gradient_clip_norm = 1.0
     c.gradient_accumulation_steps = 1
+    # Step guard (guard.py): a step with a non-finite loss/gradient is skipped; this many skips in a row stop the run.
+    c.max_consecutive_skipped_steps = 10
+    c.loss_spike_factor = 0.0  # > 1: also skip a step whose loss exceeds this x the running mean loss; 0 = off
     c.batch_size = 16  # rows per micro-batch (global, over all devices)
     c.sequence_length = 1024
     c.max_steps = 10000
     # Numerics and devices.
-    c.dtype = "float32"  # activation / compute dtype: float32 or bfloat16
-    c.param_dtype = "float32"
+    c.dtype = "float32"  # activation / compute dtype: float32 or bfloat16 (parameters are float32)
     c.attention_impl = "auto"  # 'auto' (cudnn on CUDA GPUs, else xla), 'xla', 'cudnn'
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: all remaining devices
     # Logging, evaluation, checkpoints.
@@ -184,8 +195,10 @@ def base_config() -> ConfigDict:
     c.eval_batches = 8
     c.checkpoint_interval = 1000
     c.max_checkpoints_to_keep = 3
-    c.sample_text = "Once upon a time, there was a little girl named Lily."  # prompt of samples/generated
-    c.sample_max_bytes = 256  # bytes generated from sample_text at every evaluation (0 = none)
+    # Generated sample: every eval_interval steps train.py writes `sample_max_bytes` bytes continuing sample_text
+    # (generation.training_sampler) to TensorBoard as samples/generated; generate.py's default prompt.
+    c.sample_text = "Once upon a time, there was a little girl named Lily."
+    c.sample_max_bytes = 256  # 0 = no generated sample
     c.progress_bar = True
     c.data = data_defaults()
     return c
@@ -196,35 +209,104 @@ def base_config() -> ConfigDict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 _ENUMS = {
-    "attention_type": ("mha",),
+    "attention_type": ("mla", "mha"),
     "c_entropy_model": ("gaussian", "logit"),
     "dtype": ("float32", "bfloat16"),
-    "param_dtype": ("float32", "bfloat16"),
     "attention_impl": ("auto", "xla", "cudnn"),
     "source": ("auto", "hf", "text", "jsonl", "parquet", "offline"),
 }
+
+
+# Keys that earlier versions accepted (most from the original's schema) and that nothing here reads, with the reason.
+# Setting one is an unknown-key error that gives the reason; a checkpoint whose saved config holds one still loads
+# (upgrade_saved_config drops it: none of them changed the model).
+REMOVED_KEYS = {
+    "": {
+        "aux_lm_loss_weight": "the original never reads it when training; the entropy loss weight is "
+        "levels[i].w_byte_lm_ce",
+        "propagate_key_padding_mask": "the padding mask is always used (the original's False feeds PAD to the model as "
+        "content)",
+        "param_dtype": "parameters are always float32 (dtype sets the compute dtype)",
+    },
+    "levels": {
+        "eos_id": "level 0's ids are the tokenizer's fixed specials (config.BOS_ID, EOS_ID, PAD_ID, EOP_ID)",
+        "bos_id": "level 0's ids are the tokenizer's fixed specials (config.BOS_ID, EOS_ID, PAD_ID, EOP_ID)",
+        "pad_id": "level 0's ids are the tokenizer's fixed specials (config.BOS_ID, EOS_ID, PAD_ID, EOP_ID)",
+        "eop_id": "level 0's ids are the tokenizer's fixed specials (config.BOS_ID, EOS_ID, PAD_ID, EOP_ID)",
+        "d_predict_specials": "the original has no special-token head (its special loss is always 0)",
+        "w_special_ce": "the original has no special-token head (its special loss is always 0)",
+        "d_max_len": "it only capped the original's generation loop; nothing here reads it",
+    },
+    "top_transformer_config": {
+        "mse_weight": "the top loss weights are top_lm_mse_weight and top_lm_ce_weight (as in the original)",
+        "ce_weight": "the top loss weights are top_lm_mse_weight and top_lm_ce_weight (as in the original)",
+        "lm_window": "the original never reads it (the top transformer is full causal)",
+        "lm_fixed_length": "the original never reads it",
+        "lm_pad_id": "the original never reads it",
+    },
+}
+
+# Keys added since checkpoints were first saved, with the value that reproduces the model those checkpoints hold.
+ADDED_KEYS = {"top_transformer_config": {"attention_type": "mha"}}
+
+
+def upgrade_saved_config(saved: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """A checkpoint's saved config dict in this version's schema: removed keys dropped (none changed the model),
+    added keys filled in with the value the checkpoint's model was built with (e.g. standard attention for the top
+    transformer of a checkpoint saved before it had `attention_type`). Returns (config dict, dropped key paths)."""
+    out = {k: v for k, v in saved.items() if k not in REMOVED_KEYS[""]}
+    dropped = [k for k in saved if k in REMOVED_KEYS[""]]
+    if isinstance(out.get("levels"), list):
+        out["levels"] = [
+            {k: v for k, v in lv.items() if k not in REMOVED_KEYS["levels"]} if isinstance(lv, Mapping) else lv
+            for lv in out["levels"]
+        ]
+        for i, lv in enumerate(saved["levels"]):
+            if isinstance(lv, Mapping):
+                dropped += [f"levels[{i}].{k}" for k in lv if k in REMOVED_KEYS["levels"]]
+    top = out.get("top_transformer_config")
+    if isinstance(top, Mapping):
+        rm = REMOVED_KEYS["top_transformer_config"]
+        dropped += [f"top_transformer_config.{k}" for k in top if k in rm]
+        kept = {k: v for k, v in top.items() if k not in rm}
+        out["top_transformer_config"] = {**ADDED_KEYS["top_transformer_config"], **kept}
+    return out, dropped
 
 
 def _is_dict(x: Any) -> bool:
     return isinstance(x, (Mapping, ConfigDict))
 
 
-def _unknown_keys(cfg: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> list[str]:
+def _unknown_keys(cfg: Mapping[str, Any], schema: Mapping[str, Any], prefix: str, section: str = "") -> list[str]:
     problems = []
     for key in cfg:
         path = f"{prefix}{key}"
         if key not in schema:
+            removed = REMOVED_KEYS.get(section, {}).get(key)
             close = difflib.get_close_matches(key, list(schema), n=1)
             hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            if removed:
+                hint = f" It was removed: {removed}."
             problems.append(f"unknown config key '{path}'.{hint}")
             continue
         value, ref = cfg[key], schema[key]
         if _is_dict(ref) and _is_dict(value):
-            problems += _unknown_keys(value, ref, f"{path}.")
+            problems += _unknown_keys(value, ref, f"{path}.", key)
         elif key == "levels":
             for i, lvl in enumerate(value):
-                problems += _unknown_keys(lvl, level_defaults(), f"levels[{i}].")
+                problems += _unknown_keys(lvl, level_defaults(), f"levels[{i}].", "levels")
     return problems
+
+
+def _check_mla_sizes(prefix: str, sizes: dict, keys: dict) -> list[str]:
+    """Latent attention sizes must be positive integers, and the RoPE'd retrieval width even."""
+    p = []
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            p.append(f"{prefix}{keys[name]}={value!r} must be a positive integer for attention_type='mla'.")
+        elif name == "retr_dim" and value % 2:
+            p.append(f"{prefix}{keys[name]}={value} must be even (RoPE rotates pairs) for attention_type='mla'.")
+    return p
 
 
 def _check_pyramid(cfg: ConfigDict) -> list[str]:
@@ -249,10 +331,15 @@ def _check_pyramid(cfg: ConfigDict) -> list[str]:
                 f"top_transformer_config.embed_dim={top.embed_dim} must equal the top level's D={lv.D} "
                 f"(levels[{len(cfg.levels) - 1}].D)."
             )
-        if top.num_heads <= 0 or top.dim % top.num_heads or (top.dim // top.num_heads) % 2:
-            p.append(
-                f"top_transformer_config.dim={top.dim} must split into num_heads={top.num_heads} even-width heads."
-            )
+        t = "top_transformer_config."
+        if top.attention_type not in _ENUMS["attention_type"]:
+            p.append(f"{t}attention_type={top.attention_type!r}; choose 'mla' (latent) or 'mha' (standard).")
+        elif top.num_heads <= 0:
+            p.append(f"{t}num_heads={top.num_heads} must be >= 1.")
+        elif top.attention_type == "mha" and (top.dim % top.num_heads or (top.dim // top.num_heads) % 2):
+            p.append(f"{t}dim={top.dim} must split into num_heads={top.num_heads} even-width heads.")
+        elif top.attention_type == "mla":
+            p += _check_mla_sizes(t, top_mla_dims(top), {k: k for k in top_mla_dims(top)})
         if not top.continuous and lv.c_vq_K <= 0:
             p.append(
                 "top_transformer_config.continuous=False predicts codes, but the top level has no quantizer: set "
@@ -264,10 +351,14 @@ def _check_pyramid(cfg: ConfigDict) -> list[str]:
 def _check_level(i: int, lv: ConfigDict) -> list[str]:
     p, k = [], f"levels[{i}]"
     if lv.attention_type not in _ENUMS["attention_type"]:
-        p.append(
-            f"{k}.attention_type={lv.attention_type!r} is not available yet; use 'mha' "
-            "(multi-head latent attention, 'mla', is planned)."
-        )
+        p.append(f"{k}.attention_type={lv.attention_type!r}; choose 'mla' (latent) or 'mha' (standard).")
+    elif lv.attention_type == "mla":
+        p += _check_mla_sizes(f"{k}.", compressor_mla_dims(lv), {n: f"c_{n}" for n in compressor_mla_dims(lv)})
+        if lv.D < 32:
+            p.append(
+                f"{k}.D={lv.D}: the expander's latent attention has q_comp_dim = D // 32 (as in the original), so D "
+                "must be >= 32; or set attention_type='mha'."
+            )
     if lv.c_entropy_model not in _ENUMS["c_entropy_model"]:
         p.append(f"{k}.c_entropy_model={lv.c_entropy_model!r}; choose 'gaussian' or 'logit'.")
     for heads_key in ("c_heads", "d_heads"):
@@ -345,7 +436,7 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
         if cfg.num_levels < 1:
             problems.append(f"num_levels={cfg.num_levels} must be >= 1.")
         problems += _check_pyramid(cfg)
-        for key in ("dtype", "param_dtype", "attention_impl"):
+        for key in ("dtype", "attention_impl"):
             if cfg[key] not in _ENUMS[key]:
                 problems.append(f"{key}={cfg[key]!r}; choose one of {_ENUMS[key]}.")
         if cfg.data.source not in _ENUMS["source"]:
@@ -369,6 +460,7 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
             "log_interval",
             "eval_interval",
             "checkpoint_interval",
+            "max_consecutive_skipped_steps",
         ):
             if cfg[key] < 1:
                 problems.append(f"{key}={cfg[key]} must be >= 1.")
@@ -376,8 +468,20 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
             problems.append("sequence_length must be >= 2 (BOS + at least one byte).")
         if cfg.sample_max_bytes < 0:
             problems.append(f"sample_max_bytes={cfg.sample_max_bytes} must be >= 0 (0 = no generated sample).")
+        if not isinstance(cfg.sample_text, str):
+            problems.append(f"sample_text={cfg.sample_text!r} must be a string (the prompt of samples/generated).")
+        else:
+            try:
+                cfg.sample_text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                problems.append(f"sample_text is not encodable as UTF-8 ({e.reason}); generation reads its bytes.")
         if cfg.warmup_steps < 0:
             problems.append(f"warmup_steps={cfg.warmup_steps} must be >= 0.")
+        if not (cfg.loss_spike_factor == 0 or cfg.loss_spike_factor > 1):
+            problems.append(
+                f"loss_spike_factor={cfg.loss_spike_factor} must be 0 (off) or > 1 (skip a step whose loss exceeds "
+                "this many times the running mean)."
+            )
         if cfg.min_lr > cfg.learning_rate:
             problems.append(f"min_lr={cfg.min_lr} exceeds learning_rate={cfg.learning_rate}.")
         for i, lv in enumerate(cfg.levels):
@@ -429,7 +533,11 @@ def to_dict(cfg: Any) -> Any:
 
 
 def from_dict(d: Mapping[str, Any]) -> ConfigDict:
-    """Rebuild a full config from `to_dict` output, keeping the schema's optional-field types."""
+    """Rebuild a full config from `to_dict` output (a checkpoint's saved config, of this version or an earlier one:
+    see upgrade_saved_config), keeping the schema's optional-field types."""
+    d, dropped = upgrade_saved_config(d)
+    if dropped:
+        log.info("ignoring saved config keys that this version no longer has: %s", ", ".join(dropped))
     cfg = base_config()
     _merge(cfg, d)
     return cfg
@@ -457,7 +565,9 @@ GENERATION_PREFIX = "gen_"
 
 
 def model_config_differences(saved: dict, current: dict, keys=None) -> list[str]:
-    """Human-readable differences between the model sections of two config dicts."""
+    """Human-readable differences between the model sections of a checkpoint's saved config dict (of this version or
+    an earlier one) and the current config dict. A differing attention_type says which override restores it."""
+    saved, _ = upgrade_saved_config(saved)
     out = []
 
     def walk(a, b, path):
@@ -470,7 +580,8 @@ def model_config_differences(saved: dict, current: dict, keys=None) -> list[str]
             for i, (x, y) in enumerate(zip(a, b)):
                 walk(x, y, f"{path}[{i}]")
         elif a != b:
-            out.append(f"{path}: checkpoint {a!r} vs config {b!r}")
+            hint = f" (to use the checkpoint's: --config.{path}={a})" if path.endswith("attention_type") else ""
+            out.append(f"{path}: checkpoint {a!r} vs config {b!r}{hint}")
 
     for key in keys or MODEL_KEYS:
         walk(saved.get(key, "<missing>"), current.get(key, "<missing>"), key)

@@ -1,4 +1,4 @@
-"""Input pipelines (ARCHITECTURE 2): documents become rows of a fixed length S, and rows become batches.
+"""Input pipelines (docs/ARCHITECTURE.md 2): documents become rows of a fixed length S, and rows become batches.
 
 `[BOS] + bytes + [EOS]` is cut into consecutive rows, the last padded with PAD (no byte is dropped). `RowSource`
 indexes the rows of a document source (documents.py) lazily (only document lengths are read up front);
@@ -10,7 +10,6 @@ into `{'ids': (accum, B_local, S) int32, 'mask': same, True at PAD}` and returns
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -84,8 +83,8 @@ def make_row_dataset(documents: Documents, seq_len: int) -> grain.MapDataset:
     return grain.MapDataset.source(RowSource(documents, seq_len))
 
 
-def _stack_rows(rows: Sequence[np.ndarray], accum_steps: int, per_process: int) -> dict[str, np.ndarray]:
-    ids = np.stack(rows).reshape(accum_steps, per_process, -1)
+def _stack_blocks(blocks: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    ids = np.stack(blocks)  # (accum_steps, per_process, S)
     return {"ids": ids, "mask": ids == PAD_ID}
 
 
@@ -124,8 +123,9 @@ def make_train_iterator(
 
     Each element is `{'ids': int32 (accum_steps, batch_size // process_count, seq_len), 'mask': bool, True at PAD}`.
     Rows are shuffled with `seed`, a new permutation each epoch (grain's `shuffle` folds the epoch into the seed);
-    process p takes the global stream's positions p, p + P, p + 2P, ... so processes never overlap and together
-    cover every row once per epoch. `process_index` / `process_count` default to JAX's. `documents` overrides the
+    each global micro-batch is `batch_size` consecutive rows of that stream, of which process p takes the p-th
+    contiguous block, so processes never overlap, together cover every row once per epoch, and the global batch is
+    the same for any number of processes. `process_index` / `process_count` default to JAX's. `documents` overrides the
     source chosen by `data_cfg` (tests, custom corpora). Save/restore with `it.get_state()` / `it.set_state()` or
     `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` under orbax.
     """
@@ -138,12 +138,11 @@ def make_train_iterator(
     if len(ds) == 0:
         raise ConfigError("the training set has no rows; check data.path / data.source.")
     ds = ds.shuffle(seed=int(seed) % 2**32).repeat(None)  # shuffle before repeat: a new permutation per epoch
-    ds = ds[process_index::process_count]
-    ds = ds.batch(
-        per * accum_steps,
-        drop_remainder=True,
-        batch_fn=functools.partial(_stack_rows, accum_steps=accum_steps, per_process=per),
-    )
+    # Global micro-batch g holds the stream's positions [g * batch_size, (g + 1) * batch_size); process p holds the
+    # p-th contiguous block of `per` of them, so the global batch (processes' blocks in order) is the same rows in
+    # the same order for any number of processes.
+    ds = ds.batch(per, drop_remainder=True, batch_fn=np.stack)[process_index::process_count]
+    ds = ds.batch(accum_steps, drop_remainder=True, batch_fn=_stack_blocks)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
     workers = int(getattr(data_cfg, "num_workers", 0) or 0)
     if workers > 0:

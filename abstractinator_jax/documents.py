@@ -1,4 +1,5 @@
-"""Document sources (ARCHITECTURE 2): random-access collections of documents, `len(docs)` and `docs[i] -> bytes`.
+"""Document sources (docs/ARCHITECTURE.md 2): random-access collections of documents, `len(docs)` and
+`docs[i] -> bytes`.
 
 Hugging Face datasets (`HFDocuments`), local plain text / JSONL / Parquet files (`TextDocuments`, `JsonlDocuments`,
 `ParquetDocuments`) and `OfflineCorpus` (the documentation text that ships with CPython: no download, no file).

@@ -1,10 +1,12 @@
-"""Evaluation: the fixed held-out batches, the metrics over them, segmented samples, and the evaluation of a saved
-checkpoint (`evaluate_run`, behind evaluate.py). Training's periodic evaluation and evaluate.py share all of it, and
-`restore_run` (a saved run's config, model and state) serves evaluate.py and generate.py alike."""
+"""Evaluation: the fixed held-out batches, the figures over them (`evaluate`: totals of the metric protocol,
+metrics.py, of what scoring.py measures), segmented samples, the evaluation of a saved checkpoint (`evaluate_run`,
+behind evaluate.py) and the code length of arbitrary texts (`TextScorer`, behind the lm-eval adapter). Training's
+periodic evaluation and evaluate.py share all of it. `restore_run` (a saved run's config, model and checked state:
+`saved_run_config` then `restore_state`) is the one way a saved run comes back, for evaluate.py, the lm-eval adapter
+and generate.py alike."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,12 +17,13 @@ from ml_collections import ConfigDict
 from ml_collections.config_flags import config_path
 
 from . import data as data_lib
-from . import tokenizer
+from . import metrics, scoring, tokenizer
 from .build import Run, build
 from .checkpointing import CheckpointError, CheckpointManager
 from .config import PAD_ID, ConfigError, from_dict, validate_config
 from .data import resolve_data_config
-from .sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
+from .recovery import restore_checked
+from .sharding import LOGICAL_AXIS_RULES, batch_divisor, batch_sharding, replicated
 from .steps import make_eval_step
 from .train_state import TrainState, all_params
 
@@ -37,22 +40,17 @@ def make_eval_batches(cfg: ConfigDict, data_cfg: ConfigDict) -> list[dict]:
     )
 
 
-def evaluate(eval_step, state, eval_batches, mesh) -> dict:
-    """Token-weighted mean of the eval metrics over the held-out batches (all-PAD padding rows carry no weight)."""
-    sums: dict = {}
-    weight_total = 0.0
+def evaluate(eval_step, state, eval_batches, mesh) -> dict[str, float]:
+    """Every eval figure over all the held-out batches: each batch's totals (summed over the global batch inside the
+    jitted step) are added up in float64 and divided once at the end (metrics.py). Independent of the batch size."""
     sh = batch_sharding(mesh, 2, 0)
-    for b in eval_batches:
+    params = all_params(state)
+    totals = []
+    for b in eval_batches:  # every step is dispatched before the totals are fetched, once
         ids = jax.make_array_from_process_local_data(sh, b["ids"])
         pad = jax.make_array_from_process_local_data(sh, b["mask"])
-        m = jax.device_get(eval_step(all_params(state), state.model_state, ids, pad))
-        w = float(m["level0/real_tokens"])
-        if w == 0:
-            continue
-        weight_total += w
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * w
-    return {k: v / weight_total for k, v in sums.items() if not k.endswith("/real_tokens")} if weight_total else {}
+        totals.append(eval_step(params, state.model_state, ids, pad)[0])
+    return metrics.finalize(metrics.accumulate(totals))
 
 
 def first_real_row(eval_batches):
@@ -62,6 +60,19 @@ def first_real_row(eval_batches):
             if np.any(row != PAD_ID):
                 return np.asarray(row)[None]
     return None
+
+
+def shared_sample_row(eval_batches, seq_len: int):
+    """`first_real_row` of process 0's eval share, the same on every process (each process holds a different share
+    of the eval batches, and the sample is computed on replicated inputs); None when process 0 has no real row."""
+    row = first_real_row(eval_batches)
+    if jax.process_count() == 1:
+        return row
+    from jax.experimental import multihost_utils
+
+    local = np.full((1, seq_len), PAD_ID, np.int32) if row is None else np.asarray(row, np.int32)
+    row = np.asarray(multihost_utils.broadcast_one_to_all(local))
+    return row if np.any(row != PAD_ID) else None
 
 
 def segment_outputs(model, params, model_state, ids, pad):
@@ -125,18 +136,11 @@ def segmented_rows(model, state, eval_batches, mesh, n: int) -> list[str]:
     return out
 
 
-def restore_run(
-    workdir: str,
-    step: int | None = None,
-    overrides: dict | None = None,
-    *,
-    data_path: str | None = None,
-    max_batches: int | None = None,
-    before_build: Callable[[ConfigDict], None] | None = None,
-) -> tuple[ConfigDict, Run, TrainState]:
-    """Restore `workdir`'s checkpoint `step` (the latest when None) with the config saved in it (`overrides`,
-    `data_path`, `max_batches` applied, then validated): the model, mesh and state as training built them, with the
-    checkpoint's values. `before_build(cfg)` runs before anything is built, to fail fast on bad input."""
+def saved_run_config(
+    workdir: str, step: int | None, data_path: str | None, max_batches: int | None, overrides: dict
+) -> tuple[ConfigDict, int]:
+    """(the config saved with `workdir`'s checkpoint `step` (default: the latest) with this evaluation's changes,
+    that step). Clear errors for a missing workdir, checkpoint or config."""
     if not Path(workdir).is_dir():
         raise CheckpointError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run.")
     with CheckpointManager(workdir, max_to_keep=None) as ckpt:
@@ -147,11 +151,34 @@ def restore_run(
         saved = ckpt.restore_config(step)
         if saved is None:
             raise CheckpointError(f"checkpoint step {step} under {ckpt.directory} was saved without its config.")
-        cfg = run_config(saved, data_path, max_batches, overrides or {})
-        if before_build is not None:
-            before_build(cfg)
-        run = build(cfg)
-        state, _ = ckpt.restore(step, abstract_state=run.abstract_state)
+    return run_config(saved, data_path, max_batches, overrides), step
+
+
+def restore_state(workdir: str, step: int, cfg: ConfigDict) -> tuple[Run, TrainState]:
+    """The model, mesh and state template as train() builds them for `cfg`, with checkpoint `step`'s values."""
+    run = build(cfg)
+    with CheckpointManager(workdir, max_to_keep=None) as ckpt:
+        state = restore_checked(ckpt, step, run.abstract_state)  # damaged or non-finite: CheckpointDamaged
+    return run, state
+
+
+def restore_run(
+    workdir: str,
+    step: int | None = None,
+    overrides: dict | None = None,
+    *,
+    data_path: str | None = None,
+    max_batches: int | None = None,
+    before_build: Callable[[ConfigDict], None] | None = None,
+) -> tuple[ConfigDict, Run, TrainState]:
+    """Restore `workdir`'s checkpoint `step` (the latest when None) with the config saved in it (`overrides`,
+    `data_path`, `max_batches` applied, then validated): (config, the model, mesh and state as training built them
+    with the checkpoint's checked values). `before_build(cfg)` runs before anything is built, to fail fast on bad
+    input (evaluate_run reads its data there)."""
+    cfg, step = saved_run_config(workdir, step, data_path, max_batches, overrides or {})
+    if before_build is not None:
+        before_build(cfg)
+    run, state = restore_state(workdir, step, cfg)
     return cfg, run, state
 
 
@@ -163,7 +190,7 @@ def evaluate_run(
     overrides: dict | None = None,
     show_segments: int = 0,
 ) -> tuple[dict, list[str]]:
-    """Restore `workdir`'s checkpoint and evaluate it. Returns (metrics, segmented sample rows)."""
+    """Restore `workdir`'s checkpoint and evaluate it. Returns (the JSON result, segmented sample rows)."""
     data = {}
 
     def load_eval_data(cfg):  # data first: a bad path fails before the model is built
@@ -177,12 +204,12 @@ def evaluate_run(
         workdir, step, overrides, data_path=data_path, max_batches=max_batches, before_build=load_eval_data
     )
     data_cfg, eval_batches = data["cfg"], data["batches"]
-    mesh, model, shardings = run.mesh, run.model, run.shardings
-    eval_step = make_eval_step(model, mesh, shardings)
+    mesh, model = run.mesh, run.model
+    eval_step = make_eval_step(model, mesh, run.shardings)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        metrics = evaluate(eval_step, state, eval_batches, mesh)
-        if not metrics:
+        figures = evaluate(eval_step, state, eval_batches, mesh)
+        if not figures.get("data/bytes"):
             raise ConfigError("the eval data holds no bytes; check --data_path / the run's data settings.")
         samples = segmented_rows(model, state, eval_batches, mesh, show_segments) if show_segments > 0 else []
 
@@ -192,10 +219,72 @@ def evaluate_run(
         "data": {
             "source": describe_eval_data(data_cfg),
             "batches": len(eval_batches),
-            "rows": int(sum(np.any(~b["mask"], axis=1).sum() for b in eval_batches)),
-            "tokens": int(sum((~b["mask"]).sum() for b in eval_batches)),
+            "rows": int(figures.pop("data/rows")),
+            "bytes": int(figures.pop("data/bytes")),
+            "documents": int(figures.pop("data/documents")),
         },
+        "bits_per_byte": figures.pop("bits_per_byte", None),
+        **scoring.describe(cfg),
     }
-    result.update(sorted(metrics.items()))
-    result["level0/code_bits_per_byte"] = metrics["level0/code_ce"] / math.log(2.0)
+    result.update(sorted(figures.items()))
     return result, samples
+
+
+class TextScorer:
+    """Code lengths (bits, scoring.py) of arbitrary texts under a model. Each text becomes `[BOS] + utf-8 bytes`
+    (`+ [EOS]` when `eos`), cut into rows of the run's sequence_length like a document; the rows of all texts are
+    scored in fixed-shape batches by the eval step (one compile) and summed per text.
+
+    `kind`: 'code' (the whole model's code length; needs a discrete top transformer) or 'entropy_model' (level 0's
+    logit entropy model as a byte LM)."""
+
+    KINDS = ("code", "entropy_model")
+
+    def __init__(self, cfg: ConfigDict, run: Run, state: TrainState, batch_size: int | None = None, kind="code"):
+        if kind not in self.KINDS:
+            raise ConfigError(f"scorer={kind!r}; choose one of {self.KINDS}.")
+        if kind == "code" and not scoring.has_code_length(cfg):
+            raise ConfigError(
+                "this run has no code length (bits_per_byte is null: "
+                + scoring.describe(cfg)["bits_per_byte_note"].removeprefix("null: ")
+                + "); use scorer=entropy_model for a run with a logit entropy model."
+            )
+        if kind == "entropy_model" and cfg.levels[0].c_entropy_model != "logit":
+            raise ConfigError("scorer=entropy_model needs levels[0].c_entropy_model='logit' (a byte LM).")
+        self.cfg, self.run, self.state, self.kind = cfg, run, state, kind
+        self.batch_size = int(batch_size or cfg.batch_size)
+        divisor = batch_divisor(run.mesh)
+        if self.batch_size % divisor:
+            raise ConfigError(f"batch_size={self.batch_size} must be a multiple of the {divisor} data-parallel devices")
+        self.eval_step = make_eval_step(run.model, run.mesh, run.shardings)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, step: int | None = None, batch_size: int | None = None, kind="code"):
+        cfg, run, state = restore_run(workdir, step)
+        return cls(cfg, run, state, batch_size, kind)
+
+    def rows(self, text: str | bytes, eos: bool) -> np.ndarray:
+        ids = tokenizer.encode(text)
+        return tokenizer.to_rows(ids if eos else ids[:-1], self.cfg.sequence_length)
+
+    def bits(self, texts: list[str | bytes], eos: bool = False) -> np.ndarray:
+        """(len(texts),) float64: the code length in bits of each text (rows coded independently, BOS given)."""
+        per_text = [self.rows(t, eos) for t in texts]
+        if not per_text:
+            return np.zeros((0,), np.float64)
+        owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(per_text)])
+        rows = np.concatenate(per_text)
+        n, b = len(rows), self.batch_size
+        rows = np.concatenate([rows, np.full((-n % b, rows.shape[1]), PAD_ID, np.int32)])
+        sh = batch_sharding(self.run.mesh, 2, 0)
+        params, model_state = all_params(self.state), self.state.model_state
+        outs = []
+        with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            for i in range(0, len(rows), b):
+                ids = jax.device_put(rows[i : i + b], sh)
+                row_bits = self.eval_step(params, model_state, ids, jax.device_put(rows[i : i + b] == PAD_ID, sh))[1]
+                outs.append(row_bits.total if self.kind == "code" else row_bits.entropy_model)
+        per_row = np.concatenate([np.asarray(x, np.float64) for x in jax.device_get(outs)])[:n]
+        out = np.zeros(len(texts), np.float64)
+        np.add.at(out, owner, per_row)
+        return out

@@ -1,4 +1,4 @@
-"""Decoder-only expander with a factorized code embedding and head (ARCHITECTURE 3.5).
+"""Decoder-only expander with a factorized code embedding and head (docs/ARCHITECTURE.md 3.5).
 
 At level 0 the "codebook" is a learned byte table (vocab x d_lo_d_c), depth 1. Above level 0 the lower level's RVQ
 stage codebooks take its place (depth stages, K entries each, never a K**depth table). The decoder stack also runs
@@ -14,7 +14,7 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from . import axes
-from .blocks import DecoderBlock, run_stack
+from .blocks import DecoderBlock, expander_attention, run_stack
 from .codes import CodeCodec, residual_code_logits
 from .layers import kernel_init, rms_norm
 
@@ -91,6 +91,7 @@ class Expander(nn.Module):
                 num_heads=cfg.d_heads,
                 window=cfg.d_window,
                 cross_window=cfg.d_cross_window,
+                attention=expander_attention(cfg),
                 rows_per_segment=cfg.c_num_queries,
                 ffn_mult=cfg.ffn_mult,
                 implementation=self.implementation,

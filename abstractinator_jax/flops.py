@@ -7,7 +7,7 @@ train step costs 3x the forward (backward = 2x forward).
 
 from __future__ import annotations
 
-from .config import num_compression_layers, num_lm_layers
+from .config import compressor_mla_dims, expander_mla_dims, num_compression_layers, num_lm_layers
 
 
 def _mean_window(seq_len: int, window: int) -> float:
@@ -19,13 +19,29 @@ def _mean_window(seq_len: int, window: int) -> float:
     return (head + (seq_len - window) * window) / seq_len
 
 
+def attention_macs(d: int, heads: int, keys: float, mla: dict | None = None, mix: bool = False) -> float:
+    """Multiply-adds per token of one causal self-attention over `keys` visible keys: standard (mla=None), or latent
+    with the sizes `mla` (head_dim, kv_comp_dim, q_comp_dim, retr_dim), counting the cheaper of the fused and the
+    chained projections as attention.LatentSelfAttention computes them."""
+    if mla is None:
+        return 4 * d * d + 2 * d * keys
+    n, k, c, cq, r = heads, mla["head_dim"], mla["kv_comp_dim"], mla["q_comp_dim"], mla["retr_dim"]
+    queries = n * min(d * r, d * k + k * cq + cq * r)
+    latent = d * c + c * n * r
+    scores_values = n * (r + c) * keys
+    out = min(n * c * d, n * c * k + n * k * d + (d * d if mix else 0))
+    return queries + latent + scores_values + out
+
+
 def level_macs_per_token(lv, seq_len: int, compression_ratio: float) -> float:
     d = lv.D
     f = lv.ffn_mult * d
     rows_per_token = lv.c_num_queries / max(compression_ratio, 1.0)
+    mla = lv.attention_type == "mla"
 
     def block(window):
-        return 4 * d * d + 3 * d * f + 2 * d * _mean_window(seq_len, window)
+        keys = _mean_window(seq_len, window)
+        return attention_macs(d, lv.c_heads, keys, compressor_mla_dims(lv) if mla else None) + 3 * d * f
 
     enc_layers = lv.c_num_shared_encoder_layers + num_lm_layers(lv) + num_compression_layers(lv)
     macs = enc_layers * block(lv.c_window)
@@ -34,7 +50,10 @@ def level_macs_per_token(lv, seq_len: int, compression_ratio: float) -> float:
     macs += 2 * d * d + 2 * lv.c_num_queries * d + rows_per_token * d * d
     # expander
     visible_rows = (lv.d_cross_window + 1) * lv.c_num_queries
-    dec = block(lv.d_window) + 2 * d * d + 2 * d * d * rows_per_token + 2 * d * visible_rows
+    self_attn = attention_macs(
+        d, lv.d_heads, _mean_window(seq_len, lv.d_window), expander_mla_dims(lv) if mla else None, mix=True
+    )
+    dec = self_attn + 3 * d * f + 2 * d * d + 2 * d * d * rows_per_token + 2 * d * visible_rows
     macs += lv.d_layers * dec
     macs += 2 * lv.d_lo_d_c * d + lv.d_lo_d_c * lv.vocab_size  # factorized embedding + head
     return macs

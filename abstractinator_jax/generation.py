@@ -282,7 +282,7 @@ class Generator:
                     queries=lv.c_num_queries,
                     sqdist=bool(lv.d_use_sqdist_logits),
                     residual=bool(lv.d_residual_conditioning),
-                    start_id=lv.eos_id if k == 0 else CodeCodec(lo.c_vq_K, lo.c_vq_depth).eos_id,
+                    start_id=EOS_ID if k == 0 else CodeCodec(lo.c_vq_K, lo.c_vq_depth).eos_id,
                     code_K=lv.vocab_size if k == 0 else lo.c_vq_K,
                 )
             )

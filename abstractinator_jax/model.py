@@ -1,4 +1,7 @@
-"""The model entry point: the pyramid of levels (ARCHITECTURE 4) and the optional top transformer (5)."""
+"""The model entry point (docs/ARCHITECTURE.md 4, 5, 7): `AbstractinatorPyramid` stacks the levels (each level reads
+the quantized vectors and code ids of the one below), adds the optional top transformer, and runs stage 1 (train
+the levels, and the top when `use_top_code_lm`) or stage 2 (the levels as a frozen compressor, only the top
+learns). Also the choice of attention implementation for the device at hand."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from ml_collections import ConfigDict
 
 from .abstractinator import AbstractinatorLevel
 from .compressor import CompressorOutput
+from .scoring import LevelParts, ScoreParts, TopParts
 from .top import CodeSequenceTransformer
 
 
@@ -89,12 +93,13 @@ class AbstractinatorPyramid(nn.Module):
         return total, metrics, comp
 
     def _top(self, comp: CompressorOutput):
-        top_cfg = self.config.top_transformer_config
-        if top_cfg.continuous:
+        """The top loss, weighted by top_lm_mse_weight (continuous) or top_lm_ce_weight (codes), and its metrics."""
+        cfg = self.config
+        if cfg.top_transformer_config.continuous:
             loss, m = self.top(comp.quantized, comp.valid_mask)
-            return top_cfg.mse_weight * loss, m
-        loss, m = self.top(comp.quantized, comp.valid_mask, comp.codes, comp.codebooks, self.config.levels[-1].c_vq_K)
-        return top_cfg.ce_weight * loss, m
+            return cfg.top_lm_mse_weight * loss, m
+        loss, m = self.top(comp.quantized, comp.valid_mask, comp.codes, comp.codebooks, cfg.levels[-1].c_vq_K)
+        return cfg.top_lm_ce_weight * loss, m
 
     def _stage2(self, ids, key_pad):
         """The frozen pyramid compresses (no gradient, no state update); the top transformer learns its rows."""
@@ -111,6 +116,39 @@ class AbstractinatorPyramid(nn.Module):
             metrics[f"level{k}/compression_ratio"] = n_in / jnp.maximum(n_seg, 1.0)
         metrics["loss"] = loss
         return loss, metrics
+
+    def score(self, ids, key_pad) -> ScoreParts:
+        """What the code length and the evaluation figures of rows ids (B, S) need (scoring.py), in eval mode (no
+        state update): each level's expander scoring its ids given the level's codes, its segments and entropy
+        model, and the top transformer's prediction of each top row from the earlier ones."""
+        parts = []
+        inputs, codebooks, cur_ids, cur_pad = None, None, ids, key_pad
+        for level in self.levels:
+            out = level(cur_ids, cur_pad, False, inputs, codebooks)
+            comp = out.compressor
+            parts.append(
+                LevelParts(
+                    ids=cur_ids,
+                    pad=cur_pad,
+                    logits=out.logits,
+                    digits=out.digits,
+                    segments=comp.segments,
+                    entropy=comp.entropy,
+                    codes=comp.codes,
+                    valid=comp.valid_mask,
+                )
+            )
+            inputs, codebooks, cur_ids, cur_pad = comp.quantized, comp.codebooks, comp.codes, ~comp.valid_mask
+        if not self.config.use_top_code_lm:
+            return ScoreParts(levels=parts)
+        if self.config.top_transformer_config.continuous:
+            *_, out = self.top(comp.quantized, comp.valid_mask, outputs=True)
+            top = TopParts(valid=comp.valid_mask, pred=out["pred"], rows=comp.quantized)
+        else:
+            K = self.config.levels[-1].c_vq_K
+            *_, out = self.top(comp.quantized, comp.valid_mask, comp.codes, comp.codebooks, K, outputs=True)
+            top = TopParts(valid=comp.valid_mask, logits=out["logits"], digits=out["digits"])
+        return ScoreParts(levels=parts, top=top)
 
     def compress_all(self, ids, key_pad) -> list[CompressorOutput]:
         """Per-level compressor outputs, bottom to top; never updates state."""

@@ -1,5 +1,5 @@
-"""Vector quantizers (ARCHITECTURE 3.6): a VQ with EMA codebook and dead-code reset, multi-stage residual VQ, and
-the codec of composed code ids.
+"""Vector quantizers (docs/ARCHITECTURE.md 3.6): a VQ with EMA codebook and dead-code reset, and the multi-stage
+residual VQ in a shared low-rank space. Composed code ids are handled by codes.py.
 
 State (EMA statistics, the EMA codebook, the ring buffer of recent inputs, the step counter) lives in the Flax
 variable collection `vq_state`. It changes only when the module is applied with `train=True` and
@@ -173,7 +173,7 @@ class VectorQuantizer(nn.Module):
 
 
 class ResidualVQ(nn.Module):
-    """Multi-stage residual VQ in a shared low-rank space (ARCHITECTURE 3.6).
+    """Multi-stage residual VQ in a shared low-rank space (docs/ARCHITECTURE.md 3.6).
 
     z (B, Q, D) -> down (D -> d_c) -> `depth` stages, each quantizing the residual of the previous (residual taken
     with stop-gradient on the quantized part) -> sum -> up (d_c -> D, initialised as down's transpose). One

@@ -1,4 +1,7 @@
-"""Entropy segmentation (ARCHITECTURE 3.2 step 3) and learned-query pooling (3.4), both linear in S."""
+"""Segment kernels (docs/ARCHITECTURE.md 3.2 step 3, 3.4, 8), pure functions linear in S: `entropy_segments` cuts
+rows where the entropy model's bits jump (with the overflow merge into the last slot), and `segment_softmax_pool`
+takes a softmax-weighted sum of values within each segment by segment reductions. The learned-query pooling module
+that uses the latter is in compressor.py."""
 
 from __future__ import annotations
 

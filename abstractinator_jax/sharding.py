@@ -1,4 +1,5 @@
-"""Device mesh and logical-axis rules (data parallel today; FSDP and tensor axes are named and ready).
+"""Device mesh and logical-axis rules: data parallel, FSDP (parameters and optimizer state sharded over 'fsdp')
+and tensor-parallel axes, one set of rules for all of them.
 
 Parameters and activations carry logical axis names (see layers.py); `LOGICAL_AXIS_RULES` maps them onto the mesh
 axes ('data', 'fsdp', 'tensor'). With the default mesh {data: all devices, fsdp: 1, tensor: 1} the batch is split
@@ -33,9 +34,13 @@ LOGICAL_AXIS_RULES = (
     (axes.MLP, "tensor"),
     (axes.HEADS, "tensor"),
     (axes.KV, None),
-    (axes.VOCAB, None),
-    (axes.CODE, None),
+    # rules are tried in order, and a mesh axis serves one dimension of a parameter: 'embed' takes 'fsdp' first;
+    # tables without an 'embed' axis (code tables, code projections) shard their rows or code width instead
+    (axes.VOCAB, "fsdp"),
+    (axes.CODE, "fsdp"),
     (axes.QUERIES, None),
+    (axes.LATENT, None),
+    (axes.RETRIEVAL, None),
 )
 
 
@@ -60,9 +65,23 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def logical_sharding(tree, mesh: Mesh):
-    """NamedShardings for a pytree of (boxed or abstract) values carrying logical partition metadata."""
+    """NamedShardings for a pytree of (boxed or abstract) values carrying logical partition metadata.
+
+    A dimension that the mesh axes the rules give it do not divide (e.g. a 260-row byte table on 8 fsdp devices) is
+    replicated instead: every config runs on every mesh, and the large dimensions are still sharded."""
     specs = nn.get_partition_spec(tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+    def divisible(x, sh):
+        shape = (x.value if isinstance(x, nn.Partitioned) else x).shape
+        spec = list(sh.spec) + [None] * (len(shape) - len(sh.spec))
+        for i, names in enumerate(spec):
+            if names is not None:
+                n = math.prod(mesh.shape[a] for a in ((names,) if isinstance(names, str) else names))
+                spec[i] = names if shape[i] % n == 0 else None
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(divisible, tree, shardings, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

@@ -13,6 +13,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from .guard import apply_guard
+from .scoring import score_batch
 from .sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from .train_state import TrainState, learning_rate_schedule
 
@@ -33,7 +35,8 @@ def _loss_fn(model, params, model_state, ids, pad, rng=None, train: bool = False
 def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, shardings: TrainState) -> Callable:
     """jit(state, batch) -> (state, metrics). batch: {'ids': (A, B, S) int32, 'mask': (A, B, S) bool (True = PAD)},
     A = gradient_accumulation_steps micro-batches whose gradients are averaged. The model state (quantizer EMA and
-    buffers) is updated micro-batch by micro-batch, in order."""
+    buffers) is updated micro-batch by micro-batch, in order. A step with a non-finite loss or gradient norm (or a
+    loss spike, see guard.py) is not applied: only the step counter and the guard's counters move."""
     schedule = learning_rate_schedule(cfg)
     in_batch = {"ids": batch_sharding(mesh, 3, 1), "mask": batch_sharding(mesh, 3, 1)}
 
@@ -75,6 +78,7 @@ def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, sh
             metrics["learning_rate"] = schedule(state.step)
             metrics["real_bytes"] = jnp.sum(~batch["mask"]).astype(jnp.float32)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+            new_state = apply_guard(cfg, state, new_state, metrics["loss"], metrics["grad_norm"])  # skip a bad step
             return new_state, metrics
 
     return jax.jit(
@@ -86,12 +90,13 @@ def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, sh
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, shardings: TrainState) -> Callable:
-    """jit(params, model_state, ids (B, S), mask (B, S)) -> metrics (no update of any state). `params` are all the
-    model's parameters (`all_params(state)`)."""
+    """jit(params, model_state, ids (B, S), mask (B, S)) -> (the batch's metric totals, its rows' code lengths)
+    (scoring.score_batch; no update of any state). The totals are sums over the global batch, replicated on every
+    device. `params` are all the model's parameters (`all_params(state)`)."""
 
     def step(params, model_state, ids, pad):
         with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            return _loss_fn(model, params, model_state, ids, pad)[1][0]
+            return score_batch(model, {"params": params, **model_state}, ids, pad)
 
     b2 = batch_sharding(mesh, 2, 0)
     return jax.jit(

@@ -1,4 +1,4 @@
-"""Byte-level tokenizer (ARCHITECTURE 2): pure numpy, no JAX.
+"""Byte-level tokenizer (docs/ARCHITECTURE.md 2): pure numpy, no JAX.
 
 Ids 0..255 are bytes; BOS=256, EOS=257, PAD=258, EOP=259. A document becomes `[BOS] + utf8 bytes + [EOS]` and is
 split into consecutive rows of a fixed length S, the last one padded with PAD: no byte is ever dropped.

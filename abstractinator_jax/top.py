@@ -1,4 +1,6 @@
-"""The top transformer ("CodeSequenceTransformer", ARCHITECTURE 5): a causal model of the top level's rows."""
+"""The top transformer ("CodeSequenceTransformer", docs/ARCHITECTURE.md 5): a causal transformer over the top level's
+valid rows, and its two losses, next-row mean squared error (continuous) and next-code cross-entropy through a
+factorized, residually conditioned head over the top quantizer's codebooks (discrete)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from . import axes
-from .blocks import TransformerBlock, run_stack
+from .blocks import TransformerBlock, run_stack, top_attention
 from .codes import CodeCodec, residual_code_logits
 from .layers import dense, rms_norm
 from .losses import masked_cross_entropy
@@ -52,8 +54,10 @@ class CodeSequenceTransformer(nn.Module):
         self.in_proj = dense(cfg.dim, (axes.EMBED_OUT, axes.EMBED), dtype=self.dtype, name="in_proj")
         self.blocks = [
             TransformerBlock(
+                features=cfg.dim,
                 num_heads=cfg.num_heads,
                 window=0,
+                attention=top_attention(cfg),
                 ffn_mult=cfg.ffn_dim_multiplier,
                 implementation=self.implementation,
                 dtype=self.dtype,
@@ -82,8 +86,10 @@ class CodeSequenceTransformer(nn.Module):
         """Discrete top: predictions (..., E) -> code space (..., d_c), scored against the top codebooks."""
         return self.code_proj(pred)
 
-    def __call__(self, rows, valid, codes=None, codebooks=None, code_K: int = 0):
-        """rows: (B, Q, E) top-level vectors; valid: (B, Q); codes: (B, Q) composed ids (discrete)."""
+    def __call__(self, rows, valid, codes=None, codebooks=None, code_K: int = 0, outputs: bool = False):
+        """rows: (B, Q, E) top-level vectors; valid: (B, Q); codes: (B, Q) composed ids (discrete). Returns (loss,
+        metrics), and with `outputs` also the predictions at every row t of row t+1: {'pred': (B, Q, E)}
+        (continuous) or {'logits': [(B, Q, K)] per stage, 'digits': (B, Q, depth) of each row's code} (discrete)."""
         cfg = self.cfg
         b, q, e = rows.shape
         chex.assert_shape(valid, (b, q))
@@ -91,7 +97,7 @@ class CodeSequenceTransformer(nn.Module):
         target = jax.lax.stop_gradient(rows)
         if cfg.continuous:
             loss = continuous_loss(out, target, valid)
-            return loss, {"top_mse": loss}
+            return (loss, {"top_mse": loss}, {"pred": out}) if outputs else (loss, {"top_mse": loss})
         digits = CodeCodec(code_K, len(codebooks)).decompose(codes)  # (B, Q, depth)
         z = self.code_space(out)
         # stage s+1 at row t is conditioned on the teacher digits of row t+1 (the target), shifted to align with t
@@ -103,4 +109,5 @@ class CodeSequenceTransformer(nn.Module):
         for s, lg in enumerate(logits):
             match &= jnp.argmax(lg[:, :-1], axis=-1) == digits[:, 1:, s]
         acc = jnp.sum(match & pairs) / jnp.maximum(jnp.sum(pairs), 1)
-        return loss, {"top_ce": loss, "top_accuracy": acc.astype(jnp.float32)}
+        metrics = {"top_ce": loss, "top_accuracy": acc.astype(jnp.float32)}
+        return (loss, metrics, {"logits": logits, "digits": digits}) if outputs else (loss, metrics)

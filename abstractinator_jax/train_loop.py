@@ -7,11 +7,9 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from ml_collections import ConfigDict
 
@@ -20,8 +18,11 @@ from .build import build, check_checkpoint_config, check_init_from, load_stage1
 from .checkpointing import CheckpointManager
 from .config import to_dict, validate_config
 from .data import resolve_data_config
-from .evaluation import evaluate, first_real_row, make_eval_batches, segment_outputs, segmented_sample
+from .evaluation import evaluate, make_eval_batches, segment_outputs, segmented_sample, shared_sample_row
 from .generation import training_sampler
+from .guard import check_guard, guard_scalars
+from .preemption import Preemption
+from .recovery import check_run_dirs, resume_intact, save_checked
 from .sharding import LOGICAL_AXIS_RULES, batch_sharding
 from .steps import make_eval_step, make_train_step
 from .summaries import SummaryWriter
@@ -49,14 +50,21 @@ class _MetricAccumulator:
         return out
 
 
-def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None = None) -> dict:
-    """Train (or resume) a run in `workdir`. Returns the last logged metrics and eval metrics.
+def train(
+    cfg: ConfigDict,
+    workdir: str | os.PathLike,
+    stop_at_step: int | None = None,
+    preemption: Preemption | None = None,
+) -> dict:
+    """Train (or resume) a run in `workdir`. Returns the last logged metrics and eval metrics, the step reached and
+    `preempted`: the signal that stopped the run early (with a checkpoint at that step), or None.
 
     `stop_at_step` ends the run early at that step with a checkpoint, as a preemption would (a later call resumes).
+    `preemption`: signal handling installed by the caller (train.py, from before the model is built); by default the
+    loop installs its own (SIGTERM/SIGINT: finish the step, checkpoint, return).
     """
     validate_config(cfg)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_run_dirs(workdir)  # before anything is built: one line naming an unusable directory
     data_cfg = resolve_data_config(cfg.data)
 
     run = build(cfg)
@@ -81,8 +89,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
         if init_from is not None:
             state = load_stage1(init_from, run, state)
     else:
-        check_checkpoint_config(ckpt, latest, cfg, workdir)
-        state = ckpt.restore(latest, abstract_state=run.abstract_state, data_iterator=train_it)[0]
+        state = resume_intact(ckpt, run, cfg, train_it, lambda c, s: check_checkpoint_config(c, s, cfg, workdir))
         log.info("Resumed from %s at step %d", ckpt.directory, int(state.step))
     start_step = int(state.step)
     n_params = count_params(all_params(state))
@@ -92,7 +99,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
         writer.text(0, "config", json.dumps(to_dict(cfg), indent=2, default=str))
         writer.scalars(0, {"model/parameters": n_params, "model/trainable_parameters": count_params(state.params)})
 
-    sample_ids = first_real_row(eval_batches)
+    sample_ids = shared_sample_row(eval_batches, cfg.sequence_length)
     segment_fn = jax.jit(lambda p, ms, ids, pad: segment_outputs(model, p, ms, ids, pad))
     generate_sample = training_sampler(cfg, model, mesh)  # None: the run cannot generate (no top, no byte LM)
 
@@ -103,6 +110,9 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
     progress = _progress(cfg, start_step)
     t_last = time.perf_counter()
     step = start_step
+    preempted = None
+    own_preemption = preemption is None
+    preemption = Preemption().__enter__() if own_preemption else preemption
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         try:
             end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
@@ -138,23 +148,28 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
                         progress.set_postfix({k: f"{scalars[t]:.4g}" for k, t in shown.items() if t in scalars})
                     else:
                         log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-                    if not np.isfinite(scalars["loss"]):
-                        raise FloatingPointError(
-                            f"loss became {scalars['loss']} at step {step}; lower --config.learning_rate or check "
-                            "the data. The last checkpoint is intact."
-                        )
+                    guard = jax.device_get(state.guard)  # skipped steps (guard.py): logged, and too many stop the run
+                    writer.scalars(step, guard_scalars(guard))
+                    check_guard(cfg, guard, step, ckpt.latest_step())
+                ckpt.check_background_save()  # a failed background save stops the run now, not at the next save
+                if preemption.requested(step, agree_now=step % cfg.log_interval == 0):
+                    save_checked(ckpt, cfg, step, state, train_it, final=True)
+                    preempted = preemption.signal_name
+                    break
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                     last_eval = evaluate(eval_step, state, eval_batches, mesh)
                     writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
                     if sample_ids is not None:
                         seg_text = segmented_sample(segment_fn, state, sample_ids, mesh)
                         writer.text(step, "samples/segmented", seg_text)
+                    if generate_sample is not None:
+                        writer.text(step, "samples/generated", generate_sample(state))
                     writer.flush()
-                if generate_sample is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-                    writer.text(step, "samples/generated", generate_sample(state))
                 if step % cfg.checkpoint_interval == 0 or step in (cfg.max_steps, end):
-                    ckpt.save(step, state, data_iterator=train_it, config=to_dict(cfg), force=True)
+                    save_checked(ckpt, cfg, step, state, train_it, final=step in (cfg.max_steps, end))
         finally:
+            if own_preemption:
+                preemption.__exit__(None, None, None)
             if hasattr(train_it, "close"):
                 train_it.close()
             if progress is not None:
@@ -162,7 +177,7 @@ def train(cfg: ConfigDict, workdir: str | os.PathLike, stop_at_step: int | None 
             ckpt.wait()
             ckpt.close()
             writer.close()
-    return {"train": last_logged, "eval": last_eval, "step": step, "parameters": n_params}
+    return {"train": last_logged, "eval": last_eval, "step": step, "parameters": n_params, "preempted": preempted}
 
 
 def _train_tags(scalars: dict) -> dict:

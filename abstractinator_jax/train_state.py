@@ -11,6 +11,7 @@ from flax import struct
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from .guard import init_guard_state
 from .sharding import LOGICAL_AXIS_RULES, logical_sharding
 
 
@@ -22,6 +23,7 @@ class TrainState:
     model_state: dict  # non-parameter variable collections (e.g. the quantizer's EMA state); empty without one
     rng: jax.Array  # (2,) uint32 raw PRNG key data (checkpoint-friendly)
     frozen_params: dict  # parameters that are used but not trained (stage 2: the pyramid); {} in stage 1
+    guard: dict = struct.field(default_factory=dict)  # the step guard's counters (guard.init_guard_state)
 
 
 def split_trainable(cfg: ConfigDict, params: dict) -> tuple[dict, dict]:
@@ -84,6 +86,7 @@ def _boxed_init_fn(cfg: ConfigDict, model: nn.Module, optimizer: optax.GradientT
             model_state=dict(variables),
             rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
             frozen_params=frozen,
+            guard=init_guard_state(),
         )
 
     return init_boxed

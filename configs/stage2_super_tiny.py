@@ -15,7 +15,5 @@ def get_config():
     c.run_name = "stage2_super_tiny"
     c.stage = 2
     c.init_from = ""  # a stage-1 workdir (its latest checkpoint) or <workdir>/checkpoints/<step>
-    c.use_top_code_lm = True
-    c.top_lm_loss_weight = 1.0
-    c.learning_rate = 5e-4
+    c.use_top_code_lm = True  # only the top transformer trains
     return c

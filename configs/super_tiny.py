@@ -1,4 +1,5 @@
-"""Extra-small single-level model (the reference's experiments/super_tiny.py sizes), no quantizer."""
+"""Extra-small single-level model: the original's experiments/super_tiny.py sizes, without its quantizer (K=8192,
+depth 1, d_c 128 there). Only what differs from `base_config()` is set here."""
 
 from abstractinator_jax.config import base_config
 
@@ -6,40 +7,22 @@ from abstractinator_jax.config import base_config
 def get_config():
     c = base_config()
     c.run_name = "super_tiny"
+
     lv = c.levels[0]
-    lv.D = 256
-    lv.c_heads = 8
-    lv.c_window = 128
-    lv.c_num_shared_encoder_layers = 0
-    lv.c_num_lm_encoder_layers = 2
-    lv.c_num_compression_encoder_layers = 2
-    lv.c_num_queries = 1
-    lv.c_entropy_delta = 0.2
-    lv.c_output_length = 512
-    lv.c_vq_K = 0  # the reference uses K=8192, depth 1, d_c 128 (quantizer: issue 3)
-    lv.c_vq_d_c = 128
-    lv.d_layers = 2
-    lv.d_heads = 8
-    lv.d_cross_window = 1
-    lv.d_residual_conditioning = True
-    lv.d_use_sqdist_logits = False
-    lv.d_predict_specials = False
-    lv.d_max_len = 1024
-    lv.d_lo_d_c = 64
+    lv.D = 256  # model width
+    lv.c_num_lm_encoder_layers = 2  # entropy-model blocks
+    lv.c_num_compression_encoder_layers = 2  # compression blocks before pooling
+    lv.c_output_length = 512  # segment slots per row
+    lv.c_vq_d_c = 128  # code width, used once a quantizer is switched on (c_vq_K > 0)
+    lv.d_layers = 2  # expander blocks
 
     top = c.top_transformer_config
-    top.embed_dim = 256
+    top.embed_dim = 256  # = levels[0].D
     top.dim = 384
     top.num_layers = 8
     top.num_heads = 12
-    top.ffn_dim_multiplier = 4
-    top.continuous = False
 
-    c.learning_rate = 5e-4
-    c.gradient_accumulation_steps = 8
     c.batch_size = 8
-    c.sequence_length = 1024
+    c.gradient_accumulation_steps = 8  # 64 rows per optimizer step, as the original
     c.warmup_steps = 100
-    c.data.dataset_name = "roneneldan/TinyStories"
-    c.sample_text = "Once upon a time, in a land far, far away,"
     return c

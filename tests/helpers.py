@@ -26,6 +26,8 @@ def tiny_config(seq_len: int = 64, batch_size: int = 4):
     lv.d_layers = 1
     lv.c_output_length = 32
     lv.d_lo_d_c = 16
+    # latent attention (the default) sized for D=32: the defaults (64, 64, 128, 32) would cost more than the model
+    lv.c_head_dim, lv.c_kv_comp_dim, lv.c_q_comp_dim, lv.c_retr_dim = 16, 16, 16, 8
     cfg.sequence_length = seq_len
     cfg.batch_size = batch_size
     cfg.warmup_steps = 10
@@ -42,3 +44,32 @@ def sentence_batch(seq_len: int = 64, sentences=SENTENCES) -> dict:
     """{'ids': (1, B, S), 'mask': (1, B, S)}: one micro-batch of the given sentences, one per row."""
     ids = np.stack([tokenizer.to_rows(tokenizer.encode(s), seq_len)[0] for s in sentences])[None]
     return {"ids": ids, "mask": ids == PAD_ID}
+
+
+def tiny_discrete_config(seq_len: int = 32, batch_size: int = 2):
+    """`tiny_config` with a code for every row: a 16-code quantizer, a logit entropy model and a one-block discrete
+    top transformer (so the evaluation has a total code length, `bits_per_byte`)."""
+    cfg = tiny_config(seq_len=seq_len, batch_size=batch_size)
+    lv = cfg.levels[0]
+    lv.c_vq_K = 16
+    lv.c_vq_d_c = 8
+    lv.c_entropy_model = "logit"
+    cfg.use_top_code_lm = True
+    top = cfg.top_transformer_config
+    top.embed_dim, top.dim, top.num_layers, top.num_heads = lv.D, 32, 1, 2
+    return cfg
+
+
+# Eval documents of mixed lengths (one spans several rows of 32) and multi-byte UTF-8 characters.
+EVAL_DOCS = [
+    s.encode("utf-8")
+    for s in (
+        "The cat sat on the mat.",
+        "A café serves crème brûlée — and tea ☕.",
+        "Once upon a time there was a little girl named Lily who loved to draw houses with green doors.",
+        "Birds sing.",
+        "Fish swim deep below the blue waves, past the rocks.",
+        "",
+        "Tom ate his soup.",
+    )
+]

@@ -1,4 +1,4 @@
-"""The attention kernels (ARCHITECTURE 3.1, 8) against slow, obvious loop references written here.
+"""The attention kernels (docs/ARCHITECTURE.md 3.1, 8) against slow, obvious loop references written here.
 
 Every case mixes the row kinds the model meets: full rows, ragged rows (PAD suffix), all-PAD rows and length-1 rows
 (only token 0 real); the plain kernels also get arbitrary (non-suffix) PAD patterns, which their masks must honour.

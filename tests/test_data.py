@@ -252,6 +252,19 @@ def test_train_iterator_process_slices_disjoint_and_cover(corpus):
         data.make_train_iterator(cfg, 16, batch_size=3, accum_steps=1, seed=0, process_index=0, process_count=2)
 
 
+def test_train_iterator_global_batch_is_the_same_for_any_process_count(corpus):
+    """The processes' blocks, in process order, are exactly the one-process batch (rows and their order), micro-batch
+    by micro-batch, step by step: a run on several hosts sees the same global batches as on one."""
+    cfg, _ = corpus
+    kw = dict(seq_len=16, batch_size=4, accum_steps=2, seed=7)
+    one = data.make_train_iterator(cfg, **kw, process_index=0, process_count=1)
+    two = [data.make_train_iterator(cfg, **kw, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(5):
+        want = next(one)["ids"]  # (2, 4, 16)
+        got = np.concatenate([next(it)["ids"] for it in two], axis=1)  # (2, 2 + 2, 16)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_train_iterator_state_restore(corpus):
     cfg, _ = corpus
     kw = dict(seq_len=16, batch_size=4, accum_steps=1, seed=11, process_index=0, process_count=1)

@@ -1,5 +1,5 @@
-"""Entropy alignment and causality of the compressor's entropy models (ARCHITECTURE 3.2 step 2), and a full-forward
-gradient sanity check of the pyramid on degenerate rows.
+"""Entropy alignment and causality of the compressor's entropy models (docs/ARCHITECTURE.md 3.2 step 2), and a
+full-forward gradient sanity check of the pyramid on degenerate rows.
 
 bits[t] measures the uncertainty about token t given tokens < t, bits[0] = 0:
   - `logit`: bits[t] is the entropy of the prediction made at t-1, so it depends only on tokens < t;
@@ -71,6 +71,8 @@ def numpy_init(shapes, std, seed):
 
     Matrices ~ N(0, std^2) with std well above the model's own 0.02, so attention is far from uniform and the bits
     spread out; the byte embedding ~ N(0, 1), RMSNorm scales ones and biases zeros, as the model initializes them.
+    Latent attention's per-head chains (q_down, q_retr, k_retr, v_up) get N(0, 1/fan_in), so that scores stay
+    O(1) instead of saturating the softmax (a saturated key has exactly no influence).
     """
     rng = np.random.default_rng(seed)
 
@@ -82,6 +84,8 @@ def numpy_init(shapes, std, seed):
             return jnp.zeros(leaf.shape, leaf.dtype)
         if "embedding" in name:
             return jnp.asarray(rng.standard_normal(leaf.shape), leaf.dtype)
+        if any(f"'{k}'" in name for k in ("q_down", "q_retr", "k_retr", "v_up")):
+            return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[1]), leaf.dtype)
         return jnp.asarray(std * rng.standard_normal(leaf.shape), leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)

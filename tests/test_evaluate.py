@@ -67,25 +67,39 @@ def assert_one_line_error(proc: subprocess.CompletedProcess) -> None:
 
 @pytest.mark.slow
 def test_evaluate_prints_metrics_and_segments(workdir, tmp_path):
-    proc = run_evaluate("--workdir", str(workdir), "--show_segments", "2", "--max_batches", "2")
+    held_out = ["Fish swim deep below the blue waves.", "A café serves crème brûlée.", "Lily drew a house."]
+    jsonl = tmp_path / "held_out.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in held_out))
+    out = tmp_path / "result.json"
+    proc = run_evaluate(
+        "--workdir", str(workdir), "--data_path", str(jsonl), "--output", str(out), "--show_segments", "2"
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
+    assert json.loads(out.read_text()) == result
     assert result["step"] == 2
-    assert result["data"]["batches"] == 2 and result["data"]["tokens"] > 0
+    # the documents' UTF-8 bytes, each document once (BOS/EOS are not bytes)
+    assert result["data"]["bytes"] == sum(len(t.encode()) for t in held_out)
+    assert result["data"]["documents"] == result["data"]["rows"] == 3 and result["data"]["batches"] == 1
+    # no top transformer: no code length, and the output says why; the conditional parts are there
+    assert result["bits_per_byte"] is None and result["bits_per_byte_note"].startswith("null")
+    assert "level0/boundary_bits_per_byte" in result["bits_per_byte_parts"]
     for key in (
-        "loss",
-        "level0/code_ce",
-        "level0/code_bits_per_byte",
-        "level0/entropy_loss",
+        "level0/recon_bits_per_token_given_codes",
+        "level0/eos_bits_given_codes",
+        "level0/recon_bits_per_byte",
+        "level0/boundary_bits_per_byte",
+        "level0/entropy_model_bits_per_dim",
         "level0/recon_accuracy",
-        "level0/compression_ratio",
+        "level0/input_tokens_per_segment",
+        "level0/bytes_per_segment",
         "level0/segments_per_row",
+        "level0/overflow_rows",
     ):
         assert math.isfinite(result[key]), key
-    assert math.isclose(result["level0/code_bits_per_byte"], result["level0/code_ce"] / math.log(2), rel_tol=1e-9)
     assert 0.0 <= result["level0/recon_accuracy"] <= 1.0
-    assert result["level0/compression_ratio"] >= 1.0
+    assert result["level0/input_tokens_per_segment"] >= 1.0
     assert sum(line.startswith("--- segmented row") for line in lines) == 2
     assert "|" in proc.stdout
 

@@ -1,4 +1,5 @@
-"""The pyramid (ARCHITECTURE 4), the top transformer's losses (5) and stage-2 training (7) on a tiny 2-level model.
+"""The pyramid (docs/ARCHITECTURE.md 4), the top transformer's losses (5) and stage-2 training (7) on a tiny 2-level
+model.
 
 Compilation dominates the cost on CPU, so the tests share a few jitted programs through module-scoped fixtures:
 one stage-2 initialisation and train step (the trainer's stage-2 runs below build the same programs and find them
@@ -267,7 +268,7 @@ def test_level1_expander_predicts_level0_digits_per_stage(probe):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Top transformer losses (ARCHITECTURE 5), against loops
+# Top transformer losses (docs/ARCHITECTURE.md 5), against loops
 # ---------------------------------------------------------------------------------------------------------------------
 
 # row 0: two separate pairs (0,1) and (3,4); row 1: a single valid slot (no pair); row 2: nothing valid

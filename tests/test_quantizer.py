@@ -1,4 +1,4 @@
-"""Tests of the vector quantizers (ARCHITECTURE 3.6) against brute-force numpy references.
+"""Tests of the vector quantizers (docs/ARCHITECTURE.md 3.6) against brute-force numpy references.
 
 Tiny shapes and fixed seeds; the jitted apply functions are built once per module configuration and shared.
 """

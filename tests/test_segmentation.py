@@ -1,4 +1,4 @@
-"""Entropy segmentation and segment softmax pooling (ARCHITECTURE 3.2 step 3, 3.4, 8) against loop references.
+"""Entropy segmentation and segment softmax pooling (docs/ARCHITECTURE.md 3.2 step 3, 3.4, 8) against loop references.
 
 Rows follow the model's PAD convention: real tokens, then a PAD suffix (full, ragged, length-1 and all-PAD rows).
 """

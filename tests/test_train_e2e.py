@@ -72,11 +72,13 @@ def test_train_writes_events_checkpoints_and_resumes_bit_for_bit(corpus, tmp_pat
         "optim/learning_rate",
         "optim/grad_norm",
         "throughput/bytes_per_s",
-        "eval/level0/code_ce",
+        "eval/level0/recon_bits_per_token_given_codes",
+        "eval/level0/recon_accuracy",
+        "eval/level0/input_tokens_per_segment",
     ):
         assert tag in scalars, tag
     assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
-    assert [s for s, _ in scalars["eval/loss"]] == [3, 6]
+    assert [s for s, _ in scalars["eval/level0/recon_bits_per_token_given_codes"]] == [3, 6]
     texts = read_texts(straight / "tensorboard")
     segmented = texts["samples/segmented"][-1][1]
     assert "|" in segmented and len(segmented) > 20

@@ -114,6 +114,59 @@ _DP_SCRIPT = textwrap.dedent(
 )
 
 
+_FSDP_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from abstractinator_jax import sharding, steps, train_state
+    from abstractinator_jax.model import AbstractinatorPyramid
+    from tests.helpers import sentence_batch, tiny_config
+
+    assert jax.device_count() == 4, jax.devices()
+    cfg = tiny_config()
+    cfg.levels[0].c_vq_K, cfg.levels[0].c_vq_d_c = 64, 16  # code tables and projections are parameters too
+    cfg.use_top_code_lm = True
+    top = cfg.top_transformer_config
+    top.embed_dim, top.dim, top.num_layers, top.num_heads, top.continuous = 32, 32, 1, 2, False
+    batch = sentence_batch()
+    results = []
+    for data, fsdp, devices in ((1, 1, jax.devices()[:1]), (1, 4, jax.devices())):
+        cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
+        mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+        model = AbstractinatorPyramid(cfg)
+        opt = train_state.make_optimizer(cfg)
+        state, sh = train_state.create_train_state(cfg, model, mesh, opt)
+        step = steps.make_train_step(cfg, model, mesh, opt, sh)
+        with jax.set_mesh(mesh):
+            for _ in range(2):
+                state, m = step(state, batch)
+        # every parameter of 256 values or more, and its Adam moments, is split into `fsdp` equal shards
+        big = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]
+               if x.size >= 256]
+        assert len(big) > 20
+        for path, x in big:
+            shard = x.addressable_shards[0].data.size
+            assert shard * fsdp == x.size, (jax.tree_util.keystr(path), x.shape, x.sharding)
+        results.append((jax.device_get(state.params), jax.device_get(state.opt_state), jax.device_get(m)))
+    p1, o1, m1 = results[0]
+    for p, o, m in results[1:]:
+        for k in ("loss", "level0/code_ce", "top/top_ce", "grad_norm"):
+            np.testing.assert_allclose(m[k], m1[k], rtol=1e-5, err_msg=k)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p, p1)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), o, o1)
+    print("FSDP_OK", float(m1["loss"]))
+    """
+)
+
+
+def test_fsdp_shards_parameters_and_optimizer_state_and_matches_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _FSDP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FSDP_OK" in proc.stdout
+
+
 def test_data_parallel_step_matches_single_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
