@@ -99,11 +99,13 @@ def sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greed
         raise ValueError(f"top_k={top_k} must be >= 0 (0 = off).")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off).")
+    # host scalars: the same argument types wherever they are made (a jax scalar made under a mesh carries its axes,
+    # and the compiled program would not be reused outside it)
     return Sampling(
-        temperature=jnp.float32(temperature),
-        top_k=jnp.int32(top_k),
-        top_p=jnp.float32(top_p),
-        greedy=jnp.bool_(greedy or temperature == 0),
+        temperature=np.float32(temperature),
+        top_k=np.int32(top_k),
+        top_p=np.float32(top_p),
+        greedy=np.bool_(greedy or temperature == 0),
     )
 
 
@@ -775,14 +777,24 @@ def sample_keys(seed: int, batch: int) -> jax.Array:
 
 
 def generate_text(
-    gen: Generator, variables, prompts: list[bytes], max_bytes: int, sp: Sampling, seed: int, mesh=None
+    gen: Generator,
+    variables,
+    prompts: list[bytes],
+    max_bytes: int,
+    sp: Sampling,
+    seed: int,
+    mesh=None,
+    budgets: list[int] | None = None,
 ) -> list[dict]:
     """Continue each prompt (raw bytes) by up to `max_bytes` bytes. Returns one dict per prompt: prompt, continuation
     (text; invalid UTF-8 shown as U+FFFD), bytes (new bytes, EOS not counted), stop ('eos' | 'max_bytes') and seconds
     (wall time of the whole batch, compilation included on a first call). With a `mesh`, the batch of prompts is
-    split over its data axes when it divides evenly (else replicated)."""
+    split over its data axes when it divides evenly (else replicated). `budgets` (one per prompt, each <= max_bytes)
+    gives samples budgets of their own in the same compiled program (the buffers are sized by max_bytes)."""
     if max_bytes < 1:
         raise ValueError(f"max_bytes={max_bytes} must be >= 1.")
+    if budgets is not None and (len(budgets) != len(prompts) or not all(1 <= m <= max_bytes for m in budgets)):
+        raise ValueError(f"budgets={budgets} must hold one value in [1, {max_bytes}] per prompt.")
     if not prompts:
         raise ValueError("no prompt to continue.")
     ids = encode_prompts(prompts)
@@ -793,7 +805,9 @@ def generate_text(
     max_new = -(-max_bytes // BUDGET_BUCKET) * BUDGET_BUCKET  # buffers for a bucket of budgets: fewer compilations
     t0 = time.perf_counter()
     out, lengths, generated, stop, _ = jax.device_get(
-        gen.generate_ids(variables, jnp.asarray(ids), keys, sp, max_new, budget=max_bytes)
+        gen.generate_ids(
+            variables, jnp.asarray(ids), keys, sp, max_new, budget=max_bytes if budgets is None else budgets
+        )
     )
     seconds = time.perf_counter() - t0
     results = []
