@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev,eval]"
 	touch $(STAMP)
 
+# Two workers (one per core), each test file on one worker so that its shared compiled programs stay shared.
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 train: $(STAMP)
 	$(BIN)/python train.py --config configs/tiny.py --workdir $(WORKDIR) \

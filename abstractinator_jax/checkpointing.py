@@ -302,6 +302,13 @@ class CheckpointManager:
             raise CheckpointDamaged(self.directory, step, [f"the state's metadata {missing} is missing or unreadable"])
         return metadata
 
+    def saved_state_keys(self, step: int) -> set[str]:
+        """The top-level keys of the state saved at ``step`` (e.g. to restore a checkpoint of an older version that
+        lacks a newer part of the state)."""
+        metadata = self._item_metadata(step)
+        tree = getattr(metadata[_STATE], "tree", None) if _STATE in self._items(metadata) else None
+        return {str(k) for k in tree} if isinstance(tree, Mapping) else set()
+
     def _saved_checksums(self, step: int) -> dict | None:
         """The checksums recorded at save time, or None for a checkpoint saved before they existed."""
         path = self.directory / str(step) / _STEP_METADATA_FILE

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 
 from .checkpointing import CHECKPOINT_SUBDIR, CheckpointDamaged, CheckpointError, CheckpointManager
@@ -78,8 +79,20 @@ def check_run_dirs(workdir: str | os.PathLike) -> Path:
 
 def restore_checked(ckpt: CheckpointManager, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
     """Restore `step` and make sure it holds finite numbers: CheckpointDamaged otherwise (a checkpoint written by a
-    diverged run before the step guard existed)."""
-    state, _ = ckpt.restore(step, abstract_state=abstract_state, data_iterator=data_iterator)
+    diverged run before the step guard existed). A checkpoint saved before the step guard existed has no guard
+    counters: they start afresh (all zero), as for a new run."""
+    fresh_guard = None
+    if getattr(abstract_state, "guard", None) and "guard" not in ckpt.saved_state_keys(step):
+        fresh_guard = jax.tree.map(
+            lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), abstract_state.guard
+        )
+        abstract_state = abstract_state.replace(guard={})
+        log.info("checkpoint step %d predates the step guard: its counters start at zero", step)
+    state, _ = ckpt.restore(
+        step, abstract_state=abstract_state, data_iterator=data_iterator, partial=fresh_guard is not None
+    )
+    if fresh_guard is not None:
+        state = state.replace(guard=fresh_guard)
     bad = nonfinite_parts(state)
     if bad:
         raise CheckpointDamaged(ckpt.directory, step, [f"its {', '.join(bad)} hold NaN or inf (a diverged run)"])

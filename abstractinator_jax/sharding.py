@@ -33,14 +33,14 @@ LOGICAL_AXIS_RULES = (
     (axes.EMBED_OUT, None),
     (axes.MLP, "tensor"),
     (axes.HEADS, "tensor"),
-    (axes.KV, None),
     # rules are tried in order, and a mesh axis serves one dimension of a parameter: 'embed' takes 'fsdp' first;
-    # tables without an 'embed' axis (code tables, code projections) shard their rows or code width instead
+    # tables without an 'embed' axis (code tables, code projections, latent-attention tensors) shard another axis
     (axes.VOCAB, "fsdp"),
     (axes.CODE, "fsdp"),
+    (axes.LATENT, "fsdp"),  # latent attention's per-head tensors (heads, latent, retrieval) have no 'embed' axis
+    (axes.RETRIEVAL, "fsdp"),
+    (axes.KV, "fsdp"),  # last resort: per-head widths
     (axes.QUERIES, None),
-    (axes.LATENT, None),
-    (axes.RETRIEVAL, None),
 )
 
 
@@ -64,24 +64,35 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def _mesh_spec(names: tuple, shape: tuple, mesh: Mesh) -> PartitionSpec:
+    """The mesh PartitionSpec of a parameter with logical axis `names`: the rules are tried in order, and a rule
+    gives its mesh axes to a dimension when that dimension has none yet, the mesh axes are still free in this
+    parameter, and they divide the dimension (a 260-row byte table on 8 fsdp devices stays whole, and a later rule
+    can shard another of its dimensions)."""
+    spec: list = [None] * len(shape)
+    used: set = set()
+    for logical, mesh_axes in LOGICAL_AXIS_RULES:
+        if mesh_axes is None or logical not in names:
+            continue
+        pos = names.index(logical)
+        group = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        if spec[pos] is not None or used & set(group) or shape[pos] % math.prod(mesh.shape[a] for a in group):
+            continue
+        spec[pos] = mesh_axes
+        used |= set(group)
+    return PartitionSpec(*spec)
+
+
 def logical_sharding(tree, mesh: Mesh):
-    """NamedShardings for a pytree of (boxed or abstract) values carrying logical partition metadata.
-
-    A dimension that the mesh axes the rules give it do not divide (e.g. a 260-row byte table on 8 fsdp devices) is
-    replicated instead: every config runs on every mesh, and the large dimensions are still sharded."""
+    """NamedShardings for a pytree of (boxed or abstract) values carrying logical partition metadata."""
     specs = nn.get_partition_spec(tree)
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
-    def divisible(x, sh):
+    def sharding(x, logical):
         shape = (x.value if isinstance(x, nn.Partitioned) else x).shape
-        spec = list(sh.spec) + [None] * (len(shape) - len(sh.spec))
-        for i, names in enumerate(spec):
-            if names is not None:
-                n = math.prod(mesh.shape[a] for a in ((names,) if isinstance(names, str) else names))
-                spec[i] = names if shape[i] % n == 0 else None
-        return NamedSharding(mesh, PartitionSpec(*spec))
+        names = tuple(logical) + (None,) * (len(shape) - len(logical))
+        return NamedSharding(mesh, _mesh_spec(names, shape, mesh))
 
-    return jax.tree.map(divisible, tree, shardings, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(sharding, tree, specs, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

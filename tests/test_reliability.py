@@ -397,3 +397,25 @@ def test_a_failing_save_stops_the_run_at_once(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(CheckpointManager, "save", save)
     with pytest.raises(CheckpointError, match="saving the checkpoint for step 4 under .* failed: FileExistsError"):
         train(run_config(corpus, 6), tmp_path)
+
+
+def test_checkpoint_saved_before_the_guard_restores_with_fresh_counters(tmp_path):
+    """A checkpoint of an older version has no guard counters: it restores (parameters bit for bit) and its counters
+    start at zero, instead of failing as 'a different model'."""
+    from abstractinator_jax.recovery import restore_checked
+    from abstractinator_jax.train_state import create_train_state
+
+    cfg = tiny_config()
+    run = build(cfg)
+    state, _ = create_train_state(cfg, run.model, run.mesh, run.optimizer)
+    fields = ("step", "params", "opt_state", "model_state", "rng", "frozen_params")
+    old = {f: getattr(state, f) for f in fields}  # what an older version saved: its TrainState had no guard
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(3, old, force=True)
+        ckpt.wait()
+        assert "guard" not in ckpt.saved_state_keys(3)
+        restored = restore_checked(ckpt, 3, run.abstract_state)
+    assert {k: int(v) for k, v in jax.device_get(restored.guard).items()} == {k: 0 for k in init_guard_state()}
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.params, state.params
+    )

@@ -81,40 +81,7 @@ def test_gradient_accumulation_averages_micro_batches():
     np.testing.assert_allclose(m["grad_norm"], np.sqrt(sum(np.sum(x**2) for x in jax.tree.leaves(g_mean))), rtol=1e-4)
 
 
-_DP_SCRIPT = textwrap.dedent(
-    """
-    import jax, numpy as np
-    from abstractinator_jax import sharding, steps, train_state
-    from abstractinator_jax.model import AbstractinatorPyramid
-    from tests.helpers import sentence_batch, tiny_config
-
-    assert jax.device_count() == 4, jax.devices()
-    cfg = tiny_config()
-    batch = sentence_batch()
-    results = []
-    for devices in (jax.devices()[:1], jax.devices()):
-        mesh = sharding.make_mesh(cfg.mesh, devices=devices)
-        model = AbstractinatorPyramid(cfg)
-        opt = train_state.make_optimizer(cfg)
-        state, sh = train_state.create_train_state(cfg, model, mesh, opt)
-        step = steps.make_train_step(cfg, model, mesh, opt, sh)
-        with jax.set_mesh(mesh):
-            for _ in range(2):
-                state, m = step(state, batch)
-        if len(devices) == 4:
-            assert len(state.params["level_0"]["embedding"].sharding.device_set) == 4
-        results.append((jax.device_get(state.params), jax.device_get(state.opt_state), jax.device_get(m)))
-    (p1, o1, m1), (p4, o4, m4) = results
-    for k in ("loss", "level0/code_ce", "level0/entropy_loss", "grad_norm"):
-        np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), p1, p4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), o1, o4)
-    print("DP_OK", float(m1["loss"]), float(m4["loss"]))
-    """
-)
-
-
-_FSDP_SCRIPT = textwrap.dedent(
+_MESH_SCRIPT = textwrap.dedent(
     """
     import jax, numpy as np
     from abstractinator_jax import sharding, steps, train_state
@@ -129,7 +96,8 @@ _FSDP_SCRIPT = textwrap.dedent(
     top.embed_dim, top.dim, top.num_layers, top.num_heads, top.continuous = 32, 32, 1, 2, False
     batch = sentence_batch()
     results = []
-    for data, fsdp, devices in ((1, 1, jax.devices()[:1]), (1, 4, jax.devices())):
+    # one device; data parallel over 4; fsdp over 4 (parameters and optimizer state sharded)
+    for data, fsdp, devices in ((1, 1, jax.devices()[:1]), (4, 1, jax.devices()), (1, 4, jax.devices())):
         cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
         mesh = sharding.make_mesh(cfg.mesh, devices=devices)
         model = AbstractinatorPyramid(cfg)
@@ -139,6 +107,7 @@ _FSDP_SCRIPT = textwrap.dedent(
         with jax.set_mesh(mesh):
             for _ in range(2):
                 state, m = step(state, batch)
+        assert len(state.params["level_0"]["embedding"].sharding.device_set) == len(devices)
         # every parameter of 256 values or more, and its Adam moments, is split into `fsdp` equal shards
         big = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]
                if x.size >= 256]
@@ -149,28 +118,21 @@ _FSDP_SCRIPT = textwrap.dedent(
         results.append((jax.device_get(state.params), jax.device_get(state.opt_state), jax.device_get(m)))
     p1, o1, m1 = results[0]
     for p, o, m in results[1:]:
-        for k in ("loss", "level0/code_ce", "top/top_ce", "grad_norm"):
+        for k in ("loss", "level0/code_ce", "level0/entropy_loss", "top/top_ce", "grad_norm"):
             np.testing.assert_allclose(m[k], m1[k], rtol=1e-5, err_msg=k)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p, p1)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), p, p1)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), o, o1)
-    print("FSDP_OK", float(m1["loss"]))
+    print("MESH_OK", float(m1["loss"]))
     """
 )
 
 
-def test_fsdp_shards_parameters_and_optimizer_state_and_matches_single_device():
+def test_data_parallel_and_fsdp_steps_match_single_device():
+    """4 forced host devices: a data-parallel step and an fsdp step (each device holding a quarter of every large
+    parameter and of its optimizer moments) both equal the 1-device step."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-c", _FSDP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "FSDP_OK" in proc.stdout
-
-
-def test_data_parallel_step_matches_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", _DP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "DP_OK" in proc.stdout
+    assert "MESH_OK" in proc.stdout
