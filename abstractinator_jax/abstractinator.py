@@ -42,6 +42,7 @@ class AbstractinatorLevel(nn.Module):
     lo_K: int | None = None  # None at level 0
     lo_depth: int = 1
     lo_D: int | None = None
+    lo_code_dim: int | None = None  # width of the lower level's codebooks (its c_vq_d_c, or D)
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
 
@@ -59,7 +60,9 @@ class AbstractinatorLevel(nn.Module):
                 self.in_proj = dense(cfg.D, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="in_proj")
             vocab, start, code_K = None, CodeCodec(self.lo_K, self.lo_depth).eos_id, self.lo_K
         self.compressor = SegmentCompressor(cfg, self.implementation, self.dtype)
-        self.expander = Expander(cfg, vocab, start, code_K, self.lo_depth, self.implementation, self.dtype)
+        self.expander = Expander(
+            cfg, vocab, start, code_K, self.lo_depth, self.implementation, self.dtype, code_dim=self.lo_code_dim
+        )
 
     def embed(self, ids, inputs=None):
         if self.lo_K is None:

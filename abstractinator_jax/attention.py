@@ -12,7 +12,15 @@ The two self-attention kernels also take one value head shared by every query he
 A query that may see no key at all (PAD queries, empty rows) gets a zero output, never NaN.
 
 Modules: `SelfAttention` (standard multi-head, 'mha') and `LatentSelfAttention` (multi-head latent attention,
-'mla', docs/ARCHITECTURE.md 3.1), with a prefill / step decode cache that holds the latent; `SegmentCrossAttention`.
+'mla', docs/ARCHITECTURE.md 3.1), chosen per config by `self_attention(AttentionSpec)`; `SegmentCrossAttention`.
+
+Decoding (generation) keeps each self-attention's past in a fixed-size cache: `KVCache` (keys and values) for 'mha',
+`LatentCache` (the per-token latent and RoPE'd scoring keys, never full keys and values) for 'mla'. Position p lives
+in slot p % C, so a sliding-window layer needs only C = window slots (a ring buffer) and a full causal layer C = the
+longest sequence it will see. Both modules take the same `cache` argument: `cache=Prefill(max_len)` runs the ordinary
+linear-time forward pass over a prompt and also returns the cache it leaves, and `cache=<the cache>` advances one
+token per row; both give the same outputs as the full forward pass at every position. Callers never look inside a
+cache (`is_decode_cache` tells a step from a prefill).
 """
 
 from __future__ import annotations
@@ -141,23 +149,111 @@ def sliding_window_attention(q, k, v, key_pad, *, window: int, implementation: s
     return out.reshape(b, nb * c, n, out.shape[-1])[:, :t]
 
 
+def visible_rows(q_row, row_valid, num_rows_visible: int):
+    """The memory rows each query may see: (rows (B, T, C) clipped indices, oldest first; visible (B, T, C) bool).
+    Query t sees rows q_row[t] - C + 1 .. q_row[t] that exist and are valid."""
+    rows = q_row[:, :, None] - jnp.arange(num_rows_visible)[None, None, ::-1]  # (B, T, C)
+    in_range = (rows >= 0) & (rows < row_valid.shape[1])
+    rows_c = jnp.clip(rows, 0, row_valid.shape[1] - 1)
+    visible = in_range & jnp.take_along_axis(row_valid[:, None, :], rows_c, axis=2)  # (B, T, C)
+    return rows_c, visible
+
+
+def gathered_attention(q, kg, vg, visible):
+    """Each query attends to its own small set of keys. q: (B, T, N, H); kg, vg: (B, T, C, N, H); visible (B, T, C)."""
+    b, t, n, h = q.shape
+    c = kg.shape[2]
+    out = _xla_attention(
+        q.reshape(b * t, 1, n, h),
+        kg.reshape(b * t, c, n, h),
+        vg.reshape(b * t, c, n, h),
+        visible.reshape(b * t, 1, 1, c),
+    )
+    return out.reshape(b, t, n, h)
+
+
 def segment_cross_attention(q, k, v, q_row, row_valid, *, num_rows_visible: int):
     """Each query attends to memory rows q_row - num_rows_visible + 1 .. q_row that are valid.
 
     q: (B, T, N, H); k, v: (B, R, N, H) (RoPE already applied); q_row: (B, T) int, the last row query t may see;
     row_valid: (B, R) bool. Cost O(T * num_rows_visible): the visible rows are gathered per query.
     """
-    b, t, n, h = q.shape
-    c = num_rows_visible
-    rows = q_row[:, :, None] - jnp.arange(c)[None, None, ::-1]  # (B, T, C), oldest first
-    in_range = (rows >= 0) & (rows < k.shape[1])
-    rows_c = jnp.clip(rows, 0, k.shape[1] - 1)
-    visible = in_range & jnp.take_along_axis(row_valid[:, None, :], rows_c, axis=2)  # (B, T, C)
+    rows_c, visible = visible_rows(q_row, row_valid, num_rows_visible)
     gather = jax.vmap(lambda x, idx: x[idx])  # (R, N, H), (T, C) -> (T, C, N, H)
-    kg = gather(k, rows_c).reshape(b * t, c, n, h)
-    vg = gather(v, rows_c).reshape(b * t, c, n, h)
-    out = _xla_attention(q.reshape(b * t, 1, n, h), kg, vg, visible.reshape(b * t, 1, 1, c))
-    return out.reshape(b, t, n, h)
+    return gathered_attention(q, gather(k, rows_c), gather(v, rows_c), visible)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding caches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Prefill:
+    """Asks a self-attention (or a block or stack of them) to return, with its full forward pass over a prompt, the
+    cache the prompt leaves. `max_len` is the capacity of full causal layers (sliding-window layers keep `window`
+    slots)."""
+
+    max_len: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class KVCache:
+    """Decode cache of one standard self-attention ('mha'): keys and values; position p lives in slot p % C."""
+
+    k: jax.Array  # (B, C, N, H), RoPE applied at each key's own position
+    v: jax.Array  # (B, C, N, H)
+    valid: jax.Array  # (B, C) bool: the slot holds a real (non-PAD) key
+
+
+@struct.dataclass
+class LatentCache:
+    """Decode cache of one latent self-attention ('mla'): per token the latent (C) and the RoPE'd per-head keys
+    (N x R), never full keys and values. Position p lives in slot p % capacity (a ring of `window` slots for a
+    sliding window, `max_len` for full causal)."""
+
+    kv_c: jax.Array  # (B, slots, C)
+    k_r: jax.Array  # (B, slots, N, R), RoPE applied at each key's own position
+    valid: jax.Array  # (B, slots) bool: the slot holds a real (non-PAD) key
+
+
+def is_decode_cache(cache) -> bool:
+    """True for a cache to advance one token (either kind), False for None (no cache) or a `Prefill` request."""
+    return isinstance(cache, (KVCache, LatentCache))
+
+
+def prefix_lengths(key_pad: jax.Array) -> jax.Array:
+    """(B, T) -> (B,) one past each row's last non-PAD position: where decoding continues (0 for all-PAD rows)."""
+    t = key_pad.shape[1]
+    return jnp.max(jnp.where(~key_pad, jnp.arange(1, t + 1)[None], 0), axis=1).astype(jnp.int32)
+
+
+def ring_from_prefix(cls, key_pad, capacity: int, **arrays):
+    """The cache `cls` after a prompt: every array (B, T, ...) of `arrays` gathered so that slot s holds the latest
+    position p < length with p % capacity == s (length = `prefix_lengths(key_pad)`); older positions and PAD keys
+    are invalid."""
+    b, t = key_pad.shape
+    length = prefix_lengths(key_pad)[:, None]  # (B, 1)
+    s = jnp.arange(capacity)[None, :]
+    p = length - 1 - jnp.mod(length - 1 - s, capacity)  # (B, C)
+    pc = jnp.clip(p, 0, t - 1)
+    take = jax.vmap(lambda x, i: x[i])
+    valid = (p >= 0) & (p < t) & ~jnp.take_along_axis(key_pad, pc, axis=1)
+    return cls(valid=valid, **{name: take(x, pc) for name, x in arrays.items()})
+
+
+def ring_write(cache, key_pad, positions, **new):
+    """`cache` with each new token's arrays `new` (B, 1, ...) written at slot positions % C (positions (B,)) and the
+    slot marked valid unless the token is PAD (key_pad (B, 1)). Rewriting a position that was written before (a
+    rejected candidate) simply replaces it; a ring of C = window slots holds exactly the keys a sliding-window query
+    may see."""
+    rows = jnp.arange(cache.valid.shape[0])
+    slot = jnp.mod(positions, cache.valid.shape[1])
+    writes = {}
+    for name, x in new.items():
+        buf = getattr(cache, name)
+        writes[name] = buf.at[rows, slot].set(x[:, 0].astype(buf.dtype))
+    return cache.replace(valid=cache.valid.at[rows, slot].set(~key_pad[:, 0]), **writes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,13 +276,25 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    """Multi-head causal self-attention with RoPE; `window` > 0 = sliding window, 0 = full causal."""
+    """Multi-head causal self-attention with RoPE; `window` > 0 = sliding window, 0 = full causal.
+
+    cache=None: the full forward pass, x (B, T, D), positions (T,) | (B, T) -> (B, T, D).
+    cache=Prefill(max_len): the same, plus the KVCache the prompt leaves behind -> ((B, T, D), KVCache).
+    cache=<KVCache>: one decoding step, x (B, 1, D), key_pad (B, 1), positions (B,) -> ((B, 1, D), KVCache).
+    """
 
     window: int = 0
     implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x, key_pad, positions):  # (B, T, D), (B, T), (T,) | (B, T) -> (B, T, D)
+    def __call__(self, x, key_pad, positions, cache=None):
+        if isinstance(cache, KVCache):
+            pos = positions[:, None]  # (B, 1)
+            k = apply_rope(self.proj(x, "k"), pos)
+            cache = ring_write(cache, key_pad, positions, k=k, v=self.proj(x, "v"))
+            q = apply_rope(self.proj(x, "q"), pos)
+            o = _xla_attention(q, cache.k, cache.v, cache.valid[:, None, None, :])
+            return self.out(o, x.shape[-1]), cache
         q = apply_rope(self.proj(x, "q"), positions)
         k = apply_rope(self.proj(x, "k"), positions)
         v = self.proj(x, "v")
@@ -195,24 +303,41 @@ class SelfAttention(_Projections):
             o = sliding_window_attention(q, k, v, key_pad, window=self.window, implementation=self.implementation)
         else:
             o = causal_attention(q, k, v, key_pad, implementation=self.implementation)
-        return self.out(o, x.shape[-1])
+        out = self.out(o, x.shape[-1])
+        if isinstance(cache, Prefill):
+            return out, ring_from_prefix(KVCache, key_pad, self.window or cache.max_len, k=k, v=v)
+        return out
 
 
 class SegmentCrossAttention(_Projections):
-    """Target token t attends to memory rows of its segment and `lookback` segments before it (RoPE on row index)."""
+    """Target token t attends to memory rows of its segment and `lookback` segments before it (RoPE on row index).
+
+    With `gather_rows` (decoding) the visible rows are gathered before they are projected, so one token costs
+    O(lookback) whatever the number of memory rows; the full forward pass projects every row once instead.
+    """
 
     rows_per_segment: int = 1
     lookback: int = 1
 
     @nn.compact
-    def __call__(self, x, memory, row_valid, seg_id):  # (B, T, D), (B, R, D), (B, R), (B, T) -> (B, T, D)
+    def __call__(self, x, memory, row_valid, seg_id, gather_rows: bool = False):
+        """x (B, T, D), memory (B, R, D), row_valid (B, R), seg_id (B, T) -> (B, T, D)."""
         lq = self.rows_per_segment
+        c = (self.lookback + 1) * lq
         q_row = seg_id * lq + (lq - 1)  # (B, T) last memory row of the token's own segment
         q = apply_rope(self.proj(x, "q"), q_row)
+        if gather_rows:
+            b, t = seg_id.shape
+            rows_c, visible = visible_rows(q_row, row_valid, c)  # (B, T, C)
+            mem = jax.vmap(lambda m, idx: m[idx])(memory, rows_c)  # (B, T, C, D)
+            k = apply_rope(self.proj(mem, "k").reshape(b, t * c, self.num_heads, -1), rows_c.reshape(b, t * c))
+            k = k.reshape(b, t, c, self.num_heads, -1)
+            o = gathered_attention(q, k, self.proj(mem, "v"), visible)
+            return self.out(o, x.shape[-1])
         rows = jnp.arange(memory.shape[1])
         k = apply_rope(self.proj(memory, "k"), rows)
         v = self.proj(memory, "v")
-        o = segment_cross_attention(q, k, v, q_row, row_valid, num_rows_visible=(self.lookback + 1) * lq)
+        o = segment_cross_attention(q, k, v, q_row, row_valid, num_rows_visible=c)
         return self.out(o, x.shape[-1])
 
 
@@ -248,43 +373,6 @@ def fan_in_uniform(scale: float = 1.0):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-
-
-@struct.dataclass
-class Prefill:
-    """Asks a self-attention to return, with its full forward pass over a prompt, the cache the prompt leaves.
-    `max_len` is the capacity of full causal layers (sliding-window layers keep `window` slots)."""
-
-    max_len: int = struct.field(pytree_node=False)
-
-
-@struct.dataclass
-class LatentCache:
-    """Decode cache of one latent self-attention: per token the latent (C) and the RoPE'd per-head keys (N x R),
-    never full keys and values. Position p lives in slot p % capacity (a ring of `window` slots for a sliding
-    window, `max_len` for full causal)."""
-
-    kv_c: jax.Array  # (B, slots, C)
-    k_r: jax.Array  # (B, slots, N, R), RoPE applied at each key's own position
-    valid: jax.Array  # (B, slots) bool: the slot holds a real (non-PAD) key
-
-
-def prefix_lengths(key_pad: jax.Array) -> jax.Array:
-    """(B, T) -> (B,) one past each row's last non-PAD position: where decoding continues (0 for all-PAD rows)."""
-    t = key_pad.shape[1]
-    return jnp.max(jnp.where(~key_pad, jnp.arange(1, t + 1)[None], 0), axis=1).astype(jnp.int32)
-
-
-def _ring_from_prefix(kv_c, k_r, key_pad, capacity: int) -> LatentCache:
-    """The cache after a prompt: slot s holds the latest position p < length with p % capacity == s."""
-    b, t = key_pad.shape
-    length = prefix_lengths(key_pad)[:, None]  # (B, 1)
-    s = jnp.arange(capacity)[None, :]
-    p = length - 1 - jnp.mod(length - 1 - s, capacity)  # (B, slots)
-    pc = jnp.clip(p, 0, t - 1)
-    take = jax.vmap(lambda x, i: x[i])
-    valid = (p >= 0) & (p < t) & ~jnp.take_along_axis(key_pad, pc, axis=1)
-    return LatentCache(kv_c=take(kv_c, pc), k_r=take(k_r, pc), valid=valid)
 
 
 class LatentSelfAttention(nn.Module):
@@ -368,7 +456,7 @@ class LatentSelfAttention(nn.Module):
             return self._step(x, key_pad, positions, cache)
         out, kv_c, k_r = self._forward(x, key_pad, positions)
         if isinstance(cache, Prefill):
-            return out, _ring_from_prefix(kv_c, k_r, key_pad, self.window if self.window > 0 else cache.max_len)
+            return out, ring_from_prefix(LatentCache, key_pad, self.window or cache.max_len, kv_c=kv_c, k_r=k_r)
         return out
 
     def _forward(self, x, key_pad, positions):  # -> out (B, T, D), kv_c (B, T, C), k_r (B, T, N, R)
@@ -385,18 +473,12 @@ class LatentSelfAttention(nn.Module):
     # -- decoding with a cache ----------------------------------------------------------------------------------
 
     def _step(self, x, key_pad, positions, cache: LatentCache):
-        """Write the new token's latent and keys at slot positions % slots, then attend over the valid slots (a ring
-        of `window` slots holds exactly the keys a sliding-window query may see)."""
+        """Write the new token's latent and keys at slot positions % slots (`ring_write`), then attend over the
+        valid slots."""
         pos = positions[:, None]  # (B, 1)
         q_r = apply_rope(self._queries(x), pos)
         kv_c, k_r = self._latent(x, key_pad, pos)
-        rows = jnp.arange(x.shape[0])
-        slot = jnp.mod(positions, cache.valid.shape[1])
-        cache = LatentCache(
-            kv_c=cache.kv_c.at[rows, slot].set(kv_c[:, 0].astype(cache.kv_c.dtype)),
-            k_r=cache.k_r.at[rows, slot].set(k_r[:, 0].astype(cache.k_r.dtype)),
-            valid=cache.valid.at[rows, slot].set(~key_pad[:, 0]),
-        )
+        cache = ring_write(cache, key_pad, positions, kv_c=kv_c, k_r=k_r)
         ctx = _xla_attention(q_r, cache.k_r, cache.kv_c[:, :, None, :], cache.valid[:, None, None, :])
         return self._output(ctx), cache
 

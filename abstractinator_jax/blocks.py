@@ -2,7 +2,12 @@
 or full, then SwiGLU) for the compressor stacks and the top transformer, and `DecoderBlock` (self-attention,
 segment-causal cross-attention into memory rows, SwiGLU) for the expander. Each adds its sublayers residually to
 RMSNorm'ed inputs; the self-attention is standard or latent as an `AttentionSpec` says (built from the config by
-`compressor_attention`, `expander_attention`, `top_attention`); the attention itself lives in attention.py."""
+`compressor_attention`, `expander_attention`, `top_attention`); the attention itself lives in attention.py.
+
+Decoding: every block takes an optional `cache`, passed to its self-attention whichever kind it is (attention.py):
+None for the full forward pass, `Prefill(max_len)` to also return the cache a prompt leaves, a decode cache
+(`KVCache` for 'mha', `LatentCache` for 'mla') to advance one token per row; with a cache the block returns
+(output, cache). `run_stack` runs a list of blocks the same way."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from . import axes
-from .attention import AttentionSpec, Prefill, SegmentCrossAttention, self_attention
+from .attention import AttentionSpec, Prefill, SegmentCrossAttention, is_decode_cache, self_attention
 from .config import compressor_mla_dims, expander_mla_dims, top_mla_dims
 from .layers import SwiGLU, constrain, rms_norm
 
@@ -38,10 +43,7 @@ def top_attention(top: ConfigDict) -> AttentionSpec:
 
 
 class TransformerBlock(nn.Module):
-    """RMSNorm -> causal self-attention (sliding window when window > 0) -> residual; RMSNorm -> SwiGLU -> residual.
-
-    With latent attention, `prefill` and `step` run the block over a prompt and then one token per row at a time
-    (at per-row positions) through the attention's decode cache (attention.LatentCache)."""
+    """RMSNorm -> causal self-attention (sliding window when window > 0) -> residual; RMSNorm -> SwiGLU -> residual."""
 
     features: int  # D
     num_heads: int
@@ -59,25 +61,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = rms_norm(dtype=self.dtype)
         self.ffn = SwiGLU(self.ffn_mult * self.features, dtype=self.dtype)
 
-    def _ffn(self, x):
+    def __call__(self, x, key_pad, positions, cache=None):
+        """(B, S, D), (B, S), positions (S,) | (B, S) -> (B, S, D); with a `cache` (module docstring) -> (x, cache)."""
+        a = self.attn(self.attn_norm(x), key_pad, positions, cache)
+        a, cache = a if cache is not None else (a, None)
+        x = x + a
         x = x + self.ffn(self.ffn_norm(x))
-        return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
-
-    def __call__(self, x, key_pad, positions):  # (B, S, D), (B, S), (S,) -> (B, S, D)
-        return self._ffn(x + self.attn(self.attn_norm(x), key_pad, positions))
-
-    def _latent(self):
-        if self.attention.kind != "mla":
-            raise NotImplementedError("prefill/step caches are built for latent attention ('mla') here.")
-        return self.attn
-
-    def prefill(self, x, key_pad, max_len: int):  # (B, T, D), (B, T) -> (B, T, D), LatentCache
-        out, cache = self._latent()(self.attn_norm(x), key_pad, jnp.arange(x.shape[1]), Prefill(max_len))
-        return self._ffn(x + out), cache
-
-    def step(self, x, key_pad, positions, cache):  # (B, 1, D), (B, 1), (B,) -> (B, 1, D), LatentCache
-        out, cache = self._latent()(self.attn_norm(x), key_pad, positions, cache)
-        return self._ffn(x + out), cache
+        x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        return x if cache is None else (x, cache)
 
 
 class DecoderBlock(nn.Module):
@@ -93,12 +84,15 @@ class DecoderBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_pad, positions, memory, row_valid, seg_id):
+    def __call__(self, x, key_pad, positions, memory, row_valid, seg_id, cache=None):
+        """x (B, T, D), key_pad (B, T), memory (B, R, D), row_valid (B, R), seg_id (B, T) -> (B, T, D) [, cache]."""
         d = x.shape[-1]
         self_attn = self_attention(
             self.attention, d, self.num_heads, self.window, self.implementation, self.dtype, "self_attn"
         )
-        x = x + self_attn(rms_norm(dtype=self.dtype, name="self_norm")(x), key_pad, positions)
+        a = self_attn(rms_norm(dtype=self.dtype, name="self_norm")(x), key_pad, positions, cache)
+        a, cache = a if cache is not None else (a, None)
+        x = x + a
         cross = SegmentCrossAttention(
             num_heads=self.num_heads,
             head_dim=d // self.num_heads,
@@ -107,6 +101,24 @@ class DecoderBlock(nn.Module):
             dtype=self.dtype,
             name="cross_attn",
         )
-        x = x + cross(rms_norm(dtype=self.dtype, name="cross_norm")(x), memory, row_valid, seg_id)
+        step = is_decode_cache(cache)
+        x = x + cross(rms_norm(dtype=self.dtype, name="cross_norm")(x), memory, row_valid, seg_id, gather_rows=step)
         x = x + SwiGLU(self.ffn_mult * d, dtype=self.dtype, name="ffn")(rms_norm(dtype=self.dtype, name="ffn_norm")(x))
-        return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        return x if cache is None else (x, cache)
+
+
+def run_stack(blocks, x, key_pad, positions, *extra, cache=None):
+    """Apply `blocks` in order. cache: None -> x; Prefill -> (x, [cache per block]); [cache per block] (one decoding
+    step) -> (x, [cache per block]), each a KVCache or a LatentCache as the block's attention is. `extra` goes to
+    every block after the positions (DecoderBlock's memory, row_valid, seg_id)."""
+    if cache is None:
+        for blk in blocks:
+            x = blk(x, key_pad, positions, *extra)
+        return x
+    caches = [cache] * len(blocks) if isinstance(cache, Prefill) else list(cache)
+    new = []
+    for blk, c in zip(blocks, caches, strict=True):
+        x, c = blk(x, key_pad, positions, *extra, c)
+        new.append(c)
+    return x, new

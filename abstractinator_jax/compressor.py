@@ -1,6 +1,7 @@
 """The segment compressor (docs/ARCHITECTURE.md 3.2-3.4): the shared stack, the entropy branch (logit or gaussian
 entropy model), segmentation, the compression branch, learned-query pooling and the optional residual quantizer
-(3.6), producing a level's `CompressorOutput`."""
+(3.6), producing a level's `CompressorOutput`. The stacks and entropy models also run as decoders (prefill + one
+token at a time, with caches: see blocks.run_stack) for generation (generation.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from flax import struct
 from ml_collections import ConfigDict
 
 from . import axes
-from .blocks import TransformerBlock, compressor_attention
+from .blocks import TransformerBlock, compressor_attention, run_stack
 from .config import num_compression_layers, num_lm_layers
 from .layers import constrain, dense, kernel_init, rms_norm, token_matmul
 from .losses import masked_mean, token_nll
@@ -60,6 +61,19 @@ def _stack(cfg, n_layers, window, impl, dtype, name):
     ]
 
 
+def logit_bits(logits: jax.Array) -> jax.Array:
+    """Shannon entropy in bits of each predicted distribution: (..., V) logits -> (...)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1) / LN2
+
+
+def gaussian_bits(target: jax.Array, mu: jax.Array, logvar: jax.Array) -> jax.Array:
+    """Bits-per-dimension surprisal of `target` under the diagonal Gaussian (mu, logvar): (..., D) -> (...)."""
+    diff = target.astype(jnp.float32) - mu
+    nll = 0.5 * (diff**2 * jnp.exp(-logvar) + logvar + math.log(2 * math.pi))
+    return jnp.mean(nll, axis=-1) / LN2
+
+
 class LogitEntropyModel(nn.Module):
     """Causal token LM; bits[t] is the Shannon entropy (bits) of the distribution predicted at t-1."""
 
@@ -67,16 +81,23 @@ class LogitEntropyModel(nn.Module):
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, ids, key_pad, positions) -> EntropyOut:
+    def setup(self):
         cfg = self.cfg
-        for blk in _stack(cfg, num_lm_layers(cfg), cfg.c_window, self.implementation, self.dtype, "block"):
-            x = blk(x, key_pad, positions)
-        h = rms_norm(dtype=self.dtype, name="norm")(x)
-        logits = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), dtype=self.dtype, name="head")(h).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # predictions for tokens 1..S-1
-        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1) / LN2  # (B, S-1)
-        bits = jnp.pad(ent, ((0, 0), (1, 0)))
+        self.blocks = _stack(cfg, num_lm_layers(cfg), cfg.c_window, self.implementation, self.dtype, "block")
+        self.norm = rms_norm(dtype=self.dtype, name="norm")
+        self.head = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), dtype=self.dtype, name="head")
+
+    def predict(self, x, key_pad, positions, cache=None):
+        """Next-token logits (B, T, V) float32 at every position (the prediction made at t is for token t+1); with a
+        `cache` (blocks.run_stack) also the caches."""
+        out = run_stack(self.blocks, x, key_pad, positions, cache=cache)
+        h, caches = out if cache is not None else (out, None)
+        logits = self.head(self.norm(h)).astype(jnp.float32)
+        return logits if cache is None else (logits, caches)
+
+    def __call__(self, x, ids, key_pad, positions) -> EntropyOut:
+        logits = self.predict(x, key_pad, positions)
+        bits = jnp.pad(logit_bits(logits[:, :-1]), ((0, 0), (1, 0)))  # predictions for tokens 1..S-1
         loss = masked_mean(token_nll(logits[:, :-1], ids[:, 1:]), ~key_pad[:, 1:])
         return EntropyOut(bits=bits, loss=loss, logits=logits)
 
@@ -88,19 +109,25 @@ class GaussianEntropyModel(nn.Module):
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, ids, key_pad, positions) -> EntropyOut:
+    def setup(self):
         cfg = self.cfg
-        target = x
-        for blk in _stack(cfg, num_lm_layers(cfg), cfg.c_window, self.implementation, self.dtype, "block"):
-            x = blk(x, key_pad, positions)
-        d = x.shape[-1]
-        mu = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="mu", use_bias=True)(x).astype(jnp.float32)
-        logvar = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="logvar", use_bias=True)(x)
-        logvar = jnp.clip(logvar.astype(jnp.float32), -8.0, 8.0)
-        diff = target[:, 1:].astype(jnp.float32) - mu[:, :-1]
-        nll = 0.5 * (diff**2 * jnp.exp(-logvar[:, :-1]) + logvar[:, :-1] + math.log(2 * math.pi))
-        bpd = jnp.mean(nll, axis=-1) / LN2  # (B, S-1)
+        self.blocks = _stack(cfg, num_lm_layers(cfg), cfg.c_window, self.implementation, self.dtype, "block")
+        d = cfg.D
+        self.mu = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="mu", use_bias=True)
+        self.logvar = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="logvar", use_bias=True)
+
+    def predict(self, x, key_pad, positions, cache=None):
+        """(mu, logvar) (B, T, D) float32 at every position: the Gaussian the model predicts at t for x_{t+1}; with a
+        `cache` (blocks.run_stack) also the caches."""
+        out = run_stack(self.blocks, x, key_pad, positions, cache=cache)
+        h, caches = out if cache is not None else (out, None)
+        mu = self.mu(h).astype(jnp.float32)
+        logvar = jnp.clip(self.logvar(h).astype(jnp.float32), -8.0, 8.0)
+        return (mu, logvar) if cache is None else ((mu, logvar), caches)
+
+    def __call__(self, x, ids, key_pad, positions) -> EntropyOut:
+        mu, logvar = self.predict(x, key_pad, positions)
+        bpd = gaussian_bits(x[:, 1:], mu[:, :-1], logvar[:, :-1])  # (B, S-1)
         bits = jnp.pad(bpd, ((0, 0), (1, 0)))
         loss = masked_mean(bpd, ~key_pad[:, 1:])
         return EntropyOut(bits=bits, loss=loss)
@@ -108,43 +135,59 @@ class GaussianEntropyModel(nn.Module):
 
 class LearnedQueryPooling(nn.Module):
     """L learned queries per segment attend to the segment's own non-PAD tokens (docs/ARCHITECTURE.md 3.4); linear
-    in S."""
+    in S.
 
+    `token_scores` and `finish` are the two halves around the per-segment softmax, so that decoding can pool a
+    segment incrementally (an online softmax over its tokens) with the same parameters."""
+
+    dim: int
     num_heads: int
     num_queries: int
     max_segments: int
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, seg: Segments, key_pad):  # (B, S, D) -> (B, max_segments * L, D)
-        b, s, d = x.shape
-        n, hd, lq = self.num_heads, d // self.num_heads, self.num_queries
-        template = self.param(
+    def setup(self):
+        d, n, lq = self.dim, self.num_heads, self.num_queries
+        hd = d // n
+        self.template = self.param(
             "query_template", kernel_init(axes.QUERIES, axes.EMBED, init=nn.initializers.normal(0.02)), (lq, d)
         )
+        self.kv_norm = rms_norm(dtype=self.dtype, name="kv_norm")
+        self.wk = self.param("k", kernel_init(axes.EMBED, axes.HEADS, axes.KV), (d, n, hd))
+        self.wv = self.param("v", kernel_init(axes.EMBED, axes.HEADS, axes.KV), (d, n, hd))
+        self.wq = self.param("q", kernel_init(axes.EMBED, axes.HEADS, axes.KV), (d, n, hd))
+        self.out_norm = rms_norm(dtype=self.dtype, name="out_norm")
+        self.out = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="out")
 
-        def proj(name):
-            def f(inp):  # (..., D) -> (..., N, H)
-                w = self.param(name, kernel_init(axes.EMBED, axes.HEADS, axes.KV), (d, n, hd))
-                return token_matmul(inp.astype(self.dtype), w.astype(self.dtype))
+    def token_scores(self, x):
+        """x (B, T, D) -> (scores (B, T, L, N) of each token for each template row and head, values (B, T, N, H))."""
+        hd = self.dim // self.num_heads
+        xn = self.kv_norm(x)
+        k = token_matmul(xn.astype(self.dtype), self.wk.astype(self.dtype))  # (B, T, N, H)
+        v = token_matmul(xn.astype(self.dtype), self.wv.astype(self.dtype))
+        q = token_matmul(self.template.astype(self.dtype), self.wq.astype(self.dtype))  # (L, N, H)
+        return jnp.einsum("bsnh,lnh->bsln", k, q) / math.sqrt(hd), v
 
-            return f
+    def finish(self, pooled):
+        """(B, Q, L, N, H) per-segment attention contexts -> (B, Q * L, D) rows."""
+        b, q = pooled.shape[:2]
+        out = self.out_norm(pooled.reshape(b, q * self.num_queries, self.dim))
+        return self.out(out)
 
-        xn = rms_norm(dtype=self.dtype, name="kv_norm")(x)
-        k = proj("k")(xn)  # (B, S, N, H)
-        v = proj("v")(xn)
-        q = proj("q")(template.astype(self.dtype))  # (L, N, H)
-        scores = jnp.einsum("bsnh,lnh->bsln", k, q) / math.sqrt(hd)  # (B, S, L, N)
+    def __call__(self, x, seg: Segments, key_pad):  # (B, S, D) -> (B, max_segments * L, D), valid (B, Q)
+        scores, v = self.token_scores(x)
         pooled = segment_softmax_pool(scores, v, seg.seg_id, ~key_pad, self.max_segments)  # (B, Qs, L, N, H)
-        pooled = pooled.reshape(b, self.max_segments * lq, d)
-        out = rms_norm(dtype=self.dtype, name="out_norm")(pooled)
-        out = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="out")(out)
+        out = self.finish(pooled)
         valid = jnp.arange(self.max_segments)[None, :] < seg.num_segments[:, None]  # (B, Qs)
-        valid = jnp.repeat(valid, lq, axis=1)  # (B, Q)
+        valid = jnp.repeat(valid, self.num_queries, axis=1)  # (B, Q)
         return jnp.where(valid[..., None], out, jnp.zeros((), out.dtype)), valid
 
 
 class SegmentCompressor(nn.Module):
+    """Shared stack -> entropy branch -> segmentation -> compression stack -> pooling -> quantizer (ARCHITECTURE
+    3.2). `__call__` runs it all; the pieces (`shared_stack`, `entropy`, `compression_stack`, `pooler`, `quantizer`)
+    are also used one at a time by decoding (generation.py)."""
+
     cfg: ConfigDict
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
@@ -153,7 +196,37 @@ class SegmentCompressor(nn.Module):
     def max_segments(self) -> int:
         return self.cfg.c_output_length // self.cfg.c_num_queries
 
-    @nn.compact
+    def setup(self):
+        cfg, impl, dtype = self.cfg, self.implementation, self.dtype
+        self.shared = _stack(cfg, cfg.c_num_shared_encoder_layers, cfg.c_window, impl, dtype, "shared")
+        model_cls = GaussianEntropyModel if cfg.c_entropy_model == "gaussian" else LogitEntropyModel
+        self.entropy = model_cls(cfg, impl, dtype, name="entropy")
+        self.compression = _stack(cfg, num_compression_layers(cfg), cfg.c_window, impl, dtype, "compression")
+        self.pooler = LearnedQueryPooling(
+            dim=cfg.D,
+            num_heads=cfg.c_heads,
+            num_queries=cfg.c_num_queries,
+            max_segments=self.max_segments,
+            dtype=dtype,
+            name="pooler",
+        )
+        if cfg.c_vq_K > 0:
+            self.quantizer = make_quantizer(cfg)
+
+    def shared_stack(self, x, key_pad, positions, cache=None):
+        """The shared blocks (identity when there are none); cache as in blocks.run_stack."""
+        return run_stack(self.shared, x, key_pad, positions, cache=cache)
+
+    def compression_stack(self, x, key_pad, positions, cache=None):
+        return run_stack(self.compression, x, key_pad, positions, cache=cache)
+
+    def quantize(self, pooled, valid):
+        """(quantized (B, Q, D), codes (B, Q)) without any state update; codes are -1 without a quantizer."""
+        if self.cfg.c_vq_K > 0:
+            quantized, codes, _, _ = self.quantizer(pooled, valid, False)
+            return quantized, codes
+        return pooled, jnp.full(valid.shape, -1, jnp.int32)
+
     def __call__(self, x, ids, key_pad, train: bool = False) -> CompressorOutput:
         """x: (B, S, D) input embeddings; ids: (B, S) int targets of the entropy LM (logit kind); key_pad: (B, S).
         `train` lets the quantizer update its state (when applied with mutable=['vq_state'])."""
@@ -161,12 +234,8 @@ class SegmentCompressor(nn.Module):
         b, s, d = x.shape
         chex.assert_shape(key_pad, (b, s))
         positions = jnp.arange(s)
-        for blk in _stack(
-            cfg, cfg.c_num_shared_encoder_layers, cfg.c_window, self.implementation, self.dtype, "shared"
-        ):
-            x = blk(x, key_pad, positions)
-        model_cls = GaussianEntropyModel if cfg.c_entropy_model == "gaussian" else LogitEntropyModel
-        ent = model_cls(cfg, self.implementation, self.dtype, name="entropy")(x, ids, key_pad, positions)
+        x = self.shared_stack(x, key_pad, positions)
+        ent = self.entropy(x, ids, key_pad, positions)
         seg = entropy_segments(
             ent.bits,
             key_pad,
@@ -174,23 +243,12 @@ class SegmentCompressor(nn.Module):
             abs_threshold=cfg.c_entropy_abs_threshold,
             max_segments=self.max_segments,
         )
-        h = x
-        for blk in _stack(
-            cfg, num_compression_layers(cfg), cfg.c_window, self.implementation, self.dtype, "compression"
-        ):
-            h = blk(h, key_pad, positions)
-        pooled, valid = LearnedQueryPooling(
-            num_heads=cfg.c_heads,
-            num_queries=cfg.c_num_queries,
-            max_segments=self.max_segments,
-            dtype=self.dtype,
-            name="pooler",
-        )(h, seg, key_pad)
+        h = self.compression_stack(x, key_pad, positions)
+        pooled, valid = self.pooler(h, seg, key_pad)
         pooled = constrain(pooled, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
         if cfg.c_vq_K > 0:
-            quantizer = make_quantizer(cfg)
-            quantized, codes, vq_loss, vq_metrics = quantizer(pooled, valid, train)
-            codebooks = quantizer.stage_codebooks()
+            quantized, codes, vq_loss, vq_metrics = self.quantizer(pooled, valid, train)
+            codebooks = self.quantizer.stage_codebooks()
         else:
             quantized, codes = pooled, jnp.full(valid.shape, -1, jnp.int32)
             vq_loss, vq_metrics, codebooks = jnp.zeros((), jnp.float32), {}, []

@@ -79,6 +79,8 @@ def level_defaults() -> ConfigDict:
     c.d_residual_conditioning = True
     c.d_use_sqdist_logits = False
     c.d_lo_d_c = 64
+    # Generation.
+    c.gen_max_segment_len = 32  # cap on a generated segment's length (ids), a few times a typical mean segment
     # Loss weights.
     c.w_code_ce = 1.0
     c.w_byte_lm_ce = 1.0
@@ -193,6 +195,10 @@ def base_config() -> ConfigDict:
     c.eval_batches = 8
     c.checkpoint_interval = 1000
     c.max_checkpoints_to_keep = 3
+    # Generated sample: every eval_interval steps train.py writes `sample_max_bytes` bytes continuing sample_text
+    # (generation.training_sampler) to TensorBoard as samples/generated; generate.py's default prompt.
+    c.sample_text = "Once upon a time, there was a little girl named Lily."
+    c.sample_max_bytes = 256  # 0 = no generated sample
     c.progress_bar = True
     c.data = data_defaults()
     return c
@@ -221,7 +227,6 @@ REMOVED_KEYS = {
         "propagate_key_padding_mask": "the padding mask is always used (the original's False feeds PAD to the model as "
         "content)",
         "param_dtype": "parameters are always float32 (dtype sets the compute dtype)",
-        "sample_text": "nothing reads it (the TensorBoard sample is the first held-out row)",
     },
     "levels": {
         "eos_id": "level 0's ids are the tokenizer's fixed specials (config.BOS_ID, EOS_ID, PAD_ID, EOP_ID)",
@@ -394,6 +399,8 @@ def _check_level(i: int, lv: ConfigDict) -> list[str]:
             p.append(f"{k}.c_vq_reset_interval needs c_vq_ema=True (dead codes are found by EMA usage); set it to 0.")
     if lv.d_lo_d_c < 1:
         p.append(f"{k}.d_lo_d_c={lv.d_lo_d_c} must be >= 1.")
+    if lv.gen_max_segment_len < 1:
+        p.append(f"{k}.gen_max_segment_len={lv.gen_max_segment_len} must be >= 1 (ids per generated segment).")
     return p
 
 
@@ -459,6 +466,15 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
                 problems.append(f"{key}={cfg[key]} must be >= 1.")
         if cfg.sequence_length < 2:
             problems.append("sequence_length must be >= 2 (BOS + at least one byte).")
+        if cfg.sample_max_bytes < 0:
+            problems.append(f"sample_max_bytes={cfg.sample_max_bytes} must be >= 0 (0 = no generated sample).")
+        if not isinstance(cfg.sample_text, str):
+            problems.append(f"sample_text={cfg.sample_text!r} must be a string (the prompt of samples/generated).")
+        else:
+            try:
+                cfg.sample_text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                problems.append(f"sample_text is not encodable as UTF-8 ({e.reason}); generation reads its bytes.")
         if cfg.warmup_steps < 0:
             problems.append(f"warmup_steps={cfg.warmup_steps} must be >= 0.")
         if not (cfg.loss_spike_factor == 0 or cfg.loss_spike_factor > 1):
@@ -544,6 +560,8 @@ def _merge(dst: ConfigDict, src: Mapping[str, Any]) -> None:
 
 # Config keys that define the model's parameters: a checkpoint must agree on these to be resumed.
 MODEL_KEYS = ("stage", "num_levels", "levels", "use_top_code_lm", "top_transformer_config")
+# Keys inside those sections that only steer generation: they may differ (or be missing from older checkpoints).
+GENERATION_PREFIX = "gen_"
 
 
 def model_config_differences(saved: dict, current: dict, keys=None) -> list[str]:
@@ -555,6 +573,8 @@ def model_config_differences(saved: dict, current: dict, keys=None) -> list[str]
     def walk(a, b, path):
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
+                if k.startswith(GENERATION_PREFIX):
+                    continue
                 walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else k)
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):

@@ -1,10 +1,13 @@
 """Evaluation: the fixed held-out batches, the figures over them (`evaluate`: totals of the metric protocol,
 metrics.py, of what scoring.py measures), segmented samples, the evaluation of a saved checkpoint (`evaluate_run`,
 behind evaluate.py) and the code length of arbitrary texts (`TextScorer`, behind the lm-eval adapter). Training's
-periodic evaluation and evaluate.py share all of it."""
+periodic evaluation and evaluate.py share all of it. `restore_run` (a saved run's config, model and checked state:
+`saved_run_config` then `restore_state`) is the one way a saved run comes back, for evaluate.py, the lm-eval adapter
+and generate.py alike."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -159,6 +162,26 @@ def restore_state(workdir: str, step: int, cfg: ConfigDict) -> tuple[Run, TrainS
     return run, state
 
 
+def restore_run(
+    workdir: str,
+    step: int | None = None,
+    overrides: dict | None = None,
+    *,
+    data_path: str | None = None,
+    max_batches: int | None = None,
+    before_build: Callable[[ConfigDict], None] | None = None,
+) -> tuple[ConfigDict, Run, TrainState]:
+    """Restore `workdir`'s checkpoint `step` (the latest when None) with the config saved in it (`overrides`,
+    `data_path`, `max_batches` applied, then validated): (config, the model, mesh and state as training built them
+    with the checkpoint's checked values). `before_build(cfg)` runs before anything is built, to fail fast on bad
+    input (evaluate_run reads its data there)."""
+    cfg, step = saved_run_config(workdir, step, data_path, max_batches, overrides or {})
+    if before_build is not None:
+        before_build(cfg)
+    run, state = restore_state(workdir, step, cfg)
+    return cfg, run, state
+
+
 def evaluate_run(
     workdir: str,
     step: int | None = None,
@@ -168,14 +191,19 @@ def evaluate_run(
     show_segments: int = 0,
 ) -> tuple[dict, list[str]]:
     """Restore `workdir`'s checkpoint and evaluate it. Returns (the JSON result, segmented sample rows)."""
-    cfg, step = saved_run_config(workdir, step, data_path, max_batches, overrides or {})
-    data_cfg = resolve_data_config(cfg.data)
-    # Data first: a bad path fails before the model is built.
-    try:
-        eval_batches = make_eval_batches(cfg, data_cfg)
-    except ConfigError as e:
-        raise ConfigError(f"--data_path={data_path!r}: {e}" if data_path else str(e)) from e
-    run, state = restore_state(workdir, step, cfg)
+    data = {}
+
+    def load_eval_data(cfg):  # data first: a bad path fails before the model is built
+        data["cfg"] = resolve_data_config(cfg.data)
+        try:
+            data["batches"] = make_eval_batches(cfg, data["cfg"])
+        except ConfigError as e:
+            raise ConfigError(f"--data_path={data_path!r}: {e}" if data_path else str(e)) from e
+
+    cfg, run, state = restore_run(
+        workdir, step, overrides, data_path=data_path, max_batches=max_batches, before_build=load_eval_data
+    )
+    data_cfg, eval_batches = data["cfg"], data["batches"]
     mesh, model = run.mesh, run.model
     eval_step = make_eval_step(model, mesh, run.shardings)
 
@@ -232,8 +260,7 @@ class TextScorer:
 
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None, batch_size: int | None = None, kind="code"):
-        cfg, step = saved_run_config(workdir, step, None, None, {})
-        run, state = restore_state(workdir, step, cfg)
+        cfg, run, state = restore_run(workdir, step)
         return cls(cfg, run, state, batch_size, kind)
 
     def rows(self, text: str | bytes, eos: bool) -> np.ndarray:

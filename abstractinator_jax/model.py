@@ -24,6 +24,11 @@ def resolve_attention_impl(requested: str, dtype: str) -> str:
     return "cudnn" if on_gpu and dtype in ("bfloat16", "float16") else "xla"
 
 
+def code_dim(lv: ConfigDict) -> int:
+    """Width of a level's codebooks (c_vq_d_c, or D when unset)."""
+    return lv.c_vq_d_c or lv.D
+
+
 class AbstractinatorPyramid(nn.Module):
     """ids (B, S) bytes -> total loss and metrics (`level{k}/<name>`, `top/<name>`).
 
@@ -47,6 +52,7 @@ class AbstractinatorPyramid(nn.Module):
                     lo_K=lo.c_vq_K if lo else None,
                     lo_depth=lo.c_vq_depth if lo else 1,
                     lo_D=lo.D if lo else None,
+                    lo_code_dim=code_dim(lo) if lo else None,
                     implementation=impl,
                     dtype=dtype,
                     name=f"level_{i}",
@@ -54,7 +60,9 @@ class AbstractinatorPyramid(nn.Module):
             )
         self.levels = levels
         if cfg.use_top_code_lm:
-            self.top = CodeSequenceTransformer(cfg.top_transformer_config, impl, dtype, name="top")
+            self.top = CodeSequenceTransformer(
+                cfg.top_transformer_config, impl, dtype, code_dim=code_dim(cfg.levels[-1]), name="top"
+            )
 
     def __call__(self, ids, key_pad, train: bool = False) -> tuple[jax.Array, dict]:
         """`train=True` with mutable=['vq_state'] and an rng stream 'vq' updates quantizer state (EMA, resets)."""

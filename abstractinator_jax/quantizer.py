@@ -256,6 +256,13 @@ class ResidualVQ(nn.Module):
         )
         return out, codes, loss, metrics
 
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """Composed code ids (...) -> their vectors (..., D): up(sum of the stage code vectors), the value __call__
+        outputs for an input that quantizes to these codes (generation turns a sampled code into a row with it)."""
+        digits = self.codec.decompose(codes)  # (..., depth)
+        z = sum(st.codebook_value().astype(jnp.float32)[digits[..., s]] for s, st in enumerate(self.stages))
+        return z @ jnp.asarray(self.get_variable("params", "up"), jnp.float32)
+
     def stage_codebooks(self) -> list[jax.Array]:
         """[(K, d_c)] per stage (the upper level's expander embeds and predicts through these)."""
         return [st.codebook_value() for st in self.stages]

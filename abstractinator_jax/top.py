@@ -11,7 +11,7 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from . import axes
-from .blocks import TransformerBlock, top_attention
+from .blocks import TransformerBlock, run_stack, top_attention
 from .codes import CodeCodec, residual_code_logits
 from .layers import dense, rms_norm
 from .losses import masked_cross_entropy
@@ -40,25 +40,20 @@ class CodeSequenceTransformer(nn.Module):
     """Causal transformer over the top level's rows (invalid rows are keys no one sees and carry no loss).
 
     continuous: predicts row t+1's vector from rows <= t (MSE). discrete: predicts row t+1's code digits with a
-    factorized head over the top quantizer's stage codebooks (cross-entropy, residual conditioning).
+    factorized head over the top quantizer's stage codebooks (cross-entropy, residual conditioning). `predict` (with a
+    decoding cache for generation) and `code_space` are the pieces `__call__` is made of.
     """
 
     cfg: ConfigDict  # top_transformer_config
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    code_dim: int = 0  # width of the top quantizer's codebooks (discrete top)
 
-    @nn.compact
-    def __call__(self, rows, valid, codes=None, codebooks=None, code_K: int = 0, outputs: bool = False):
-        """rows: (B, Q, E) top-level vectors; valid: (B, Q); codes: (B, Q) composed ids (discrete). Returns (loss,
-        metrics), and with `outputs` also the predictions at every row t of row t+1: {'pred': (B, Q, E)}
-        (continuous) or {'logits': [(B, Q, K)] per stage, 'digits': (B, Q, depth) of each row's code} (discrete)."""
+    def setup(self):
         cfg = self.cfg
-        b, q, e = rows.shape
-        chex.assert_shape(valid, (b, q))
-        h = dense(cfg.dim, (axes.EMBED_OUT, axes.EMBED), dtype=self.dtype, name="in_proj")(rows.astype(self.dtype))
-        positions = jnp.arange(q)
-        for i in range(cfg.num_layers):
-            h = TransformerBlock(
+        self.in_proj = dense(cfg.dim, (axes.EMBED_OUT, axes.EMBED), dtype=self.dtype, name="in_proj")
+        self.blocks = [
+            TransformerBlock(
                 features=cfg.dim,
                 num_heads=cfg.num_heads,
                 window=0,
@@ -67,15 +62,44 @@ class CodeSequenceTransformer(nn.Module):
                 implementation=self.implementation,
                 dtype=self.dtype,
                 name=f"block_{i}",
-            )(h, ~valid, positions)
-        h = rms_norm(dtype=self.dtype, name="final_norm")(h)
-        out = dense(e, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="out_proj")(h).astype(jnp.float32)
+            )
+            for i in range(cfg.num_layers)
+        ]
+        self.final_norm = rms_norm(dtype=self.dtype, name="final_norm")
+        self.out_proj = dense(cfg.embed_dim, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="out_proj")
+        if not cfg.continuous:
+            if self.code_dim <= 0:
+                raise ValueError("a discrete CodeSequenceTransformer needs code_dim (the top codebooks' width).")
+            self.code_proj = dense(self.code_dim, (axes.EMBED_OUT, axes.CODE), dtype=self.dtype, name="code_proj")
+
+    def predict(self, rows, valid, positions=None, cache=None):
+        """rows (B, Q, E), valid (B, Q) -> the prediction at every row for the next one (B, Q, E) float32; with a
+        `cache` (blocks.run_stack; one step: rows (B, 1, E), positions (B,)) -> (prediction, caches)."""
+        h = self.in_proj(rows.astype(self.dtype))
+        positions = jnp.arange(rows.shape[1]) if positions is None else positions
+        out = run_stack(self.blocks, h, ~valid, positions, cache=cache)
+        h, caches = out if cache is not None else (out, None)
+        pred = self.out_proj(self.final_norm(h)).astype(jnp.float32)
+        return pred if cache is None else (pred, caches)
+
+    def code_space(self, pred):
+        """Discrete top: predictions (..., E) -> code space (..., d_c), scored against the top codebooks."""
+        return self.code_proj(pred)
+
+    def __call__(self, rows, valid, codes=None, codebooks=None, code_K: int = 0, outputs: bool = False):
+        """rows: (B, Q, E) top-level vectors; valid: (B, Q); codes: (B, Q) composed ids (discrete). Returns (loss,
+        metrics), and with `outputs` also the predictions at every row t of row t+1: {'pred': (B, Q, E)}
+        (continuous) or {'logits': [(B, Q, K)] per stage, 'digits': (B, Q, depth) of each row's code} (discrete)."""
+        cfg = self.cfg
+        b, q, e = rows.shape
+        chex.assert_shape(valid, (b, q))
+        out = self.predict(rows, valid)
         target = jax.lax.stop_gradient(rows)
         if cfg.continuous:
             loss = continuous_loss(out, target, valid)
             return (loss, {"top_mse": loss}, {"pred": out}) if outputs else (loss, {"top_mse": loss})
         digits = CodeCodec(code_K, len(codebooks)).decompose(codes)  # (B, Q, depth)
-        z = dense(codebooks[0].shape[-1], (axes.EMBED_OUT, axes.CODE), dtype=self.dtype, name="code_proj")(out)
+        z = self.code_space(out)
         # stage s+1 at row t is conditioned on the teacher digits of row t+1 (the target), shifted to align with t
         teacher = jnp.concatenate([digits[:, 1:], digits[:, -1:]], axis=1)
         logits = residual_code_logits(z, [jax.lax.stop_gradient(c) for c in codebooks], teacher)

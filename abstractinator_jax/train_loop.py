@@ -19,6 +19,7 @@ from .checkpointing import CheckpointManager
 from .config import to_dict, validate_config
 from .data import resolve_data_config
 from .evaluation import evaluate, make_eval_batches, segment_outputs, segmented_sample, shared_sample_row
+from .generation import training_sampler
 from .guard import check_guard, guard_scalars
 from .preemption import Preemption
 from .recovery import check_run_dirs, resume_intact, save_checked
@@ -100,6 +101,7 @@ def train(
 
     sample_ids = shared_sample_row(eval_batches, cfg.sequence_length)
     segment_fn = jax.jit(lambda p, ms, ids, pad: segment_outputs(model, p, ms, ids, pad))
+    generate_sample = training_sampler(cfg, model, mesh)  # None: the run cannot generate (no top, no byte LM)
 
     batch_in_sharding = batch_sharding(mesh, 3, 1)
     acc = _MetricAccumulator()
@@ -160,6 +162,8 @@ def train(
                     if sample_ids is not None:
                         seg_text = segmented_sample(segment_fn, state, sample_ids, mesh)
                         writer.text(step, "samples/segmented", seg_text)
+                    if generate_sample is not None:
+                        writer.text(step, "samples/generated", generate_sample(state))
                     writer.flush()
                 if step % cfg.checkpoint_interval == 0 or step in (cfg.max_steps, end):
                     save_checked(ckpt, cfg, step, state, train_it, final=step in (cfg.max_steps, end))

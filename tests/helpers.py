@@ -34,6 +34,9 @@ def tiny_config(seq_len: int = 64, batch_size: int = 4):
     cfg.max_steps = 300
     cfg.learning_rate = 3e-3
     cfg.progress_bar = False
+    cfg.sample_max_bytes = (
+        0  # no generated TensorBoard sample (a generation program to compile); test_generate_cli has one
+    )
     return cfg
 
 

@@ -51,11 +51,23 @@ def test_a_removed_key_is_an_unknown_key_with_its_reason(path, key):
         validate_config(cfg)
 
 
+def test_sample_text_is_live_and_checked():
+    """sample_text, once removed, is the prompt of training's samples/generated again: a key, validated."""
+    cfg = base_config()
+    assert unknown_overrides(cfg, ["--config.sample_text=Hello", "--config.sample_max_bytes=8"]) == []
+    cfg.sample_text = "\ud800"  # a lone surrogate: no UTF-8 bytes to generate from
+    with pytest.raises(ConfigError, match="sample_text"):
+        validate_config(cfg)
+    cfg.sample_text, cfg.sample_max_bytes = "Once", -1
+    with pytest.raises(ConfigError, match="sample_max_bytes"):
+        validate_config(cfg)
+
+
 def _mha_era_saved_config(cfg) -> dict:
     """`cfg` as a checkpoint saved before this version would hold it: standard attention, the removed keys, no
     top attention_type."""
     d = to_dict(cfg)
-    d.update(aux_lm_loss_weight=0.1, propagate_key_padding_mask=True, param_dtype="float32", sample_text="Once")
+    d.update(aux_lm_loss_weight=0.1, propagate_key_padding_mask=True, param_dtype="float32")
     for lv in d["levels"]:
         lv.update(attention_type="mha", eos_id=257, bos_id=256, pad_id=258, eop_id=259, d_max_len=1024)
         lv.update(d_predict_specials=False, w_special_ce=1.0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from abstractinator_jax.attention import AttentionSpec, LatentSelfAttention
+from abstractinator_jax.attention import AttentionSpec, LatentSelfAttention, Prefill
 from abstractinator_jax.blocks import TransformerBlock
 
 
@@ -141,8 +141,8 @@ def test_cache_prefill_and_steps_match_the_forward(window):
 
     prompt_pad = pad[:, :t0].copy()
     prompt_pad[1, 3:] = True  # row 1's prompt ends at 3
-    prefill = jax.jit(lambda v, x, m: block.apply(v, x, m, t, method=TransformerBlock.prefill))
-    step = jax.jit(lambda v, x, m, p, c: block.apply(v, x, m, p, c, method=TransformerBlock.step))
+    prefill = jax.jit(lambda v, x, m: block.apply(v, x, m, jnp.arange(x.shape[1]), Prefill(t)))
+    step = jax.jit(lambda v, x, m, p, c: block.apply(v, x, m, p, c))
     out, cache = prefill(variables, x[:, :t0], jnp.asarray(prompt_pad))
     np.testing.assert_allclose(np.asarray(out)[0], full[0, :t0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out)[1, :3], full[1, :3], rtol=1e-5, atol=1e-5)

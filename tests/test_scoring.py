@@ -364,8 +364,42 @@ def test_loglikelihood_is_a_difference_of_rolling_code_lengths(lm):
     for i, (value, greedy) in enumerate(ll):
         assert math.isfinite(value) and greedy is False
         np.testing.assert_allclose(value, rolling[i] - rolling[len(pairs) + i], rtol=1e-4, atol=1e-4)
-    with pytest.raises(NotImplementedError, match="generation"):
-        lm.generate_until(_instances("generate_until", [("Once", {"until": ["."]})]))
+
+
+def test_generate_until_is_greedy_generation_cut_before_the_first_stop_string(lm):
+    """The adapter's continuations are the Generator's greedy ones (generate_text, the same compiled program: batch
+    2, one budget bucket), cut before the earliest stop string, and never longer than max_gen_toks bytes."""
+    from flax import linen as nn
+
+    from abstractinator_jax import generation as G
+    from abstractinator_jax.sharding import LOGICAL_AXIS_RULES
+
+    contexts = ["Once upon a time", ""]
+    run = lm.scorer.run
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        full = G.generate_text(
+            lm.generator(),
+            G.model_variables(lm.scorer.state),
+            [c.encode() for c in contexts],
+            12,
+            G.sampling(greedy=True),
+            seed=0,
+            mesh=run.mesh,
+            budgets=[12, 12],
+        )
+    texts = [r["continuation"] for r in full]
+    stop = texts[0][3:5]
+    requests = [
+        (contexts[0], {"until": ["never in the text \x00"], "max_gen_toks": 12}),
+        (contexts[1], {"until": [], "max_gen_toks": 12}),
+        (contexts[0], {"until": ["never in the text \x00", stop], "max_gen_toks": 12}),
+        (contexts[1], {"until": "never in the text \x00", "max_gen_toks": 5}),
+    ]
+    got = lm.generate_until(_instances("generate_until", requests))
+    assert got[:2] == texts
+    assert got[2] == texts[0][: texts[0].find(stop)] and stop not in got[2]
+    assert len(got[3].encode()) <= 5 * 3 and len(got[3]) <= 5  # 5 bytes (U+FFFD, 3 UTF-8 bytes, stands for one)
+    assert got[3] == texts[1][: len(got[3])] or "\ufffd" in got[3]
 
 
 def test_lm_eval_runs_a_local_task_offline(lm, tmp_path, monkeypatch):
@@ -379,7 +413,8 @@ def test_lm_eval_runs_a_local_task_offline(lm, tmp_path, monkeypatch):
         {"context": "Birds sing at", "choices": [" dawn.", " 12345"], "label": 0},
     ]
     texts = [{"text": "Fish swim deep below the blue waves."}, {"text": "Tom ate his soup and asked for more."}]
-    for name, rows in (("choice", choice), ("text", texts)):
+    gen = [{"context": "Once upon a", "target": " time"}, {"context": "The cat sat", "target": " on the mat"}]
+    for name, rows in (("choice", choice), ("text", texts), ("gen", gen)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
     (tmp_path / "abj_choice.yaml").write_text(
@@ -394,15 +429,23 @@ def test_lm_eval_runs_a_local_task_offline(lm, tmp_path, monkeypatch):
         + 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
         + "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
     )
+    (tmp_path / "abj_gen.yaml").write_text(
+        "task: abj_gen\n"
+        + common.format(path=tmp_path / "gen.jsonl")
+        + 'output_type: generate_until\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\n'
+        + 'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 8\n  do_sample: false\n'
+        + "metric_list:\n  - metric: exact_match\n"
+    )
     out = lm_eval.simple_evaluate(
         model=lm,
-        tasks=["abj_choice", "abj_text"],
+        tasks=["abj_choice", "abj_text", "abj_gen"],
         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         bootstrap_iters=0,
         log_samples=False,
     )
     res = out["results"]
     assert 0.0 <= res["abj_choice"]["acc,none"] <= 1.0
+    assert 0.0 <= res["abj_gen"]["exact_match,none"] <= 1.0  # generated through generate_until
     for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         assert math.isfinite(res["abj_text"][metric]) and res["abj_text"][metric] > 0, metric
     # lm-eval's bits per byte of the texts is the adapter's code length (no EOS) over their UTF-8 bytes
