@@ -25,8 +25,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from abstractinator_jax.checkpointing import CheckpointDamaged, CheckpointError
-from abstractinator_jax.cli import fail
-from abstractinator_jax.config import ConfigError, base_config, unknown_overrides
+from abstractinator_jax.cli import define_saved_config_overrides, fail
+from abstractinator_jax.config import ConfigError
 from abstractinator_jax.evaluation import evaluate_run
 from abstractinator_jax.recovery import intact_steps
 
@@ -78,26 +78,6 @@ def main(argv):
     print(line)
 
 
-def _check_args(argv) -> None:
-    """Clear errors before absl's: the config comes from the checkpoint, and overrides must name known keys."""
-    for arg in argv[1:]:
-        if arg == "--config" or arg.startswith("--config="):
-            fail("evaluate.py reads the config saved with the checkpoint; change settings with --config.<key>=value.")
-    bad = unknown_overrides(base_config(), argv)
-    if bad:
-        fail("unknown config key(s): " + ", ".join(f"'{b}'" for b in bad) + " (see abstractinator_jax/config.py).")
-
-
-def _define_config_flag() -> None:
-    """`--config.<key>=value` overrides, typed by the schema. Defined after `_check_args`: the flag parses sys.argv
-    when it is defined and would raise a traceback on an unknown key."""
-    config_flags.DEFINE_config_dict(
-        "config", base_config(), "Overrides of the run's saved config: --config.<key>=value.", lock_config=True
-    )
-    flags.FLAGS["config"].default_as_str = None  # --help: the defaults are the run's saved config, not base_config()'s
-
-
 if __name__ == "__main__":
-    _check_args(sys.argv)
-    _define_config_flag()
+    define_saved_config_overrides(sys.argv, "evaluate.py")
     app.run(main)

@@ -24,8 +24,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from abstractinator_jax.checkpointing import CheckpointError
-from abstractinator_jax.cli import fail
-from abstractinator_jax.config import ConfigError, base_config, unknown_overrides
+from abstractinator_jax.cli import define_saved_config_overrides, fail
+from abstractinator_jax.config import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to sample from. Default: the latest.")
@@ -108,25 +108,6 @@ def main(argv):
             print(r["prompt"] + r["continuation"])
 
 
-def _check_args(argv) -> None:
-    """Clear errors before absl's: the config comes from the checkpoint, and overrides must name known keys."""
-    for arg in argv[1:]:
-        if arg == "--config" or arg.startswith("--config="):
-            fail("generate.py reads the config saved with the checkpoint; change settings with --config.<key>=value.")
-    bad = unknown_overrides(base_config(), argv)
-    if bad:
-        fail("unknown config key(s): " + ", ".join(f"'{b}'" for b in bad) + " (see abstractinator_jax/config.py).")
-
-
-def _define_config_flag() -> None:
-    """`--config.<key>=value` overrides, typed by the schema (defined after `_check_args`, as in evaluate.py)."""
-    config_flags.DEFINE_config_dict(
-        "config", base_config(), "Overrides of the run's saved config: --config.<key>=value.", lock_config=True
-    )
-    flags.FLAGS["config"].default_as_str = None
-
-
 if __name__ == "__main__":
-    _check_args(sys.argv)
-    _define_config_flag()
+    define_saved_config_overrides(sys.argv, "generate.py")
     app.run(main)

@@ -8,7 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .config import unknown_overrides
+from .config import base_config, unknown_overrides
 
 
 def fail(message: str, code: int = 2):
@@ -54,3 +54,23 @@ def check_config_args(argv) -> None:
             + ", ".join(f"'{b}'" for b in bad)
             + f". Keys are those of {path} (see abstractinator_jax/config.py for the full list)."
         )
+
+
+def define_saved_config_overrides(argv, program: str) -> None:
+    """For programs that read the config saved with a checkpoint (evaluate.py, generate.py): reject `--config FILE`
+    and unknown `--config.<key>` overrides with one clear line, then define the `--config.<key>=value` flag, typed by
+    the schema. Call before `app.run`: the flag parses sys.argv when it is defined and would raise a traceback on an
+    unknown key."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    for arg in argv[1:]:
+        if arg == "--config" or arg.startswith("--config="):
+            fail(f"{program} reads the config saved with the checkpoint; change settings with --config.<key>=value.")
+    bad = unknown_overrides(base_config(), argv)
+    if bad:
+        fail("unknown config key(s): " + ", ".join(f"'{b}'" for b in bad) + " (see abstractinator_jax/config.py).")
+    config_flags.DEFINE_config_dict(
+        "config", base_config(), "Overrides of the run's saved config: --config.<key>=value.", lock_config=True
+    )
+    flags.FLAGS["config"].default_as_str = None  # --help: the defaults are the run's saved config, not the schema's
