@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 from abstractinator_jax.train_loop import train
 
-from .helpers import tiny_config
+from .helpers import run_script, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,17 +27,7 @@ SENTENCES = [
 
 
 def run_evaluate(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        # Reuse this session's compilation cache (conftest.py): the model was compiled by train() already.
-        "JAX_COMPILATION_CACHE_DIR": str(jax.config.jax_compilation_cache_dir),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
-    return subprocess.run(
-        [sys.executable, "evaluate.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
-    )
+    return run_script("evaluate.py", *args, timeout=120)
 
 
 @pytest.fixture(scope="module")

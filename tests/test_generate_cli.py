@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 from abstractinator_jax.summaries import read_texts
 from abstractinator_jax.train_loop import train
 
-from .helpers import tiny_config
+from .helpers import run_script, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 16  # training's sample_max_bytes too: the CLI finds the sample's compiled program in the cache
@@ -29,17 +26,7 @@ SENTENCES = [
 
 
 def run_generate(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        # Reuse this session's compilation cache (conftest.py): training compiled the same generation program.
-        "JAX_COMPILATION_CACHE_DIR": str(jax.config.jax_compilation_cache_dir),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
-    return subprocess.run(
-        [sys.executable, "generate.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
-    )
+    return run_script("generate.py", *args, timeout=300)
 
 
 @pytest.fixture(scope="module")
