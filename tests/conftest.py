@@ -1,16 +1,26 @@
-"""Test session setup: CPU only, deterministic, and a per-session persistent compilation cache so that identical
-programs compiled by several tests (or several train() calls) are compiled once."""
+"""Test session setup: CPU only, deterministic, and one persistent compilation cache per test run, shared by the
+xdist workers and every subprocess the tests start (train.py, evaluate.py, generate.py, multi-host workers inherit
+it through the environment), so that a program compiled by one test is compiled once for the whole run. The cache
+only skips recompiling an identical program: results are the same with or without it."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# xdist gives every worker of one run the same id; a plain pytest run gets its own directory
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+_CACHE = Path(tempfile.gettempdir()) / f"abstractinator-jax-cache-{_RUN}"
+_CACHE.mkdir(exist_ok=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
 import jax  # noqa: E402
 
-_CACHE = tempfile.mkdtemp(prefix="abstractinator-jax-cache-")
-jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -96,8 +96,9 @@ _MESH_SCRIPT = textwrap.dedent(
     top.embed_dim, top.dim, top.num_layers, top.num_heads, top.continuous = 32, 32, 1, 2, False
     batch = sentence_batch()
     results = []
-    # one device; data parallel over 4; fsdp over 4 (parameters and optimizer state sharded)
-    for data, fsdp, devices in ((1, 1, jax.devices()[:1]), (4, 1, jax.devices()), (1, 4, jax.devices())):
+    # one device; then fsdp over 4 (parameters and optimizer state sharded, and the batch split over the 4 devices:
+    # the fsdp axis is a data-parallel axis too). Data parallelism across processes: tests/test_multihost.py.
+    for data, fsdp, devices in ((1, 1, jax.devices()[:1]), (1, 4, jax.devices())):
         cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
         mesh = sharding.make_mesh(cfg.mesh, devices=devices)
         model = AbstractinatorPyramid(cfg)
@@ -128,8 +129,8 @@ _MESH_SCRIPT = textwrap.dedent(
 
 
 def test_data_parallel_and_fsdp_steps_match_single_device():
-    """4 forced host devices: a data-parallel step and an fsdp step (each device holding a quarter of every large
-    parameter and of its optimizer moments) both equal the 1-device step."""
+    """4 forced host devices: an fsdp step (each device holding a quarter of every large parameter and of its
+    optimizer moments, and a quarter of the batch) equals the 1-device step."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", _MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
