@@ -4,6 +4,7 @@
     python evaluate.py --workdir runs/tiny --step 300 --show_segments 3
     python evaluate.py --workdir runs/tiny --data_path ../shared/data/tinystories_valid.txt --max_batches 16
     python evaluate.py --workdir runs/tiny --data_path held_out.jsonl --max_batches 0 --output result.json
+    python evaluate.py --workdir runs/tiny --max_batches 4 --report runs/tiny/report.html
 
 The model, mesh and data settings come from the config saved with the checkpoint (latest step, or --step); the eval
 data is that run's held-out split (data.eval_path / data.eval_split, or the data.eval_fraction held out of the
@@ -11,7 +12,9 @@ training documents), unless --data_path names other files (.txt, .jsonl or .parq
 any other saved setting (e.g. --config.batch_size=4, --config.data.max_eval_documents=0). The figures are those of
 training's eval/* scalars, each a ratio of totals over the whole evaluation, plus `bits_per_byte` (the whole model's
 code length per real UTF-8 byte, or null with `bits_per_byte_note` saying why); see the README's "Scoring". The JSON
-object is the last line of stdout, and is also written to --output when given.
+object is the last line of stdout, and is also written to --output when given. `--report F.html` also writes the
+segmentation report of the same data (segments, per-byte entropy and the boundary rule, summary plots, and for each
+quantized level a codebook atlas, also as TSV beside the report); its paths are listed under "report".
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ _MAX_BATCHES = flags.DEFINE_integer(
     "max_batches", None, "Evaluate at most this many batches of batch_size rows (sets eval_batches; 0 = all)."
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON object to this file.")
+_REPORT = flags.DEFINE_string(
+    "report",
+    None,
+    "Also write a segmentation report of the same data to this HTML file (one self-contained page: segments, "
+    "entropy, summary plots, codebook atlas) and each quantized level's atlas as <name>.level<k>.atlas.tsv beside it.",
+)
+_REPORT_ROWS = flags.DEFINE_integer("report_rows", 6, "Rows shown in detail in the --report (summaries use all).")
 _SHOW_SEGMENTS = flags.DEFINE_integer(
     "show_segments", 0, "Print this many held-out rows cut into their segments ('|'), before the JSON line."
 )
@@ -54,12 +64,24 @@ def main(argv):
         fail(f"unexpected arguments {argv[1:]}; see python evaluate.py --help.")
     if not _WORKDIR.value:
         fail("missing --workdir; pass the run directory of a train.py run, e.g. --workdir runs/tiny.")
-    if _OUTPUT.value and not Path(_OUTPUT.value).parent.is_dir():
-        fail(f"--output={_OUTPUT.value!r}: its directory does not exist.")
+    for name, value in (("output", _OUTPUT.value), ("report", _REPORT.value)):
+        if value and not Path(value).parent.is_dir():
+            fail(f"--{name}={value!r}: its directory does not exist.")
+    if _REPORT.value and not _REPORT.value.endswith((".html", ".htm")):
+        fail(f"--report={_REPORT.value!r}: name an .html file, e.g. --report runs/x/report.html.")
+    if _REPORT_ROWS.value < 0:
+        fail(f"--report_rows={_REPORT_ROWS.value} must be >= 0.")
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     try:
         result, samples = evaluate_run(
-            _WORKDIR.value, _STEP.value, _DATA_PATH.value, _MAX_BATCHES.value, overrides, _SHOW_SEGMENTS.value
+            _WORKDIR.value,
+            _STEP.value,
+            _DATA_PATH.value,
+            _MAX_BATCHES.value,
+            overrides,
+            _SHOW_SEGMENTS.value,
+            report=_REPORT.value,
+            report_rows=_REPORT_ROWS.value,
         )
     except CheckpointDamaged as e:
         intact = intact_steps(_WORKDIR.value, exclude=(e.step,))

@@ -136,6 +136,40 @@ def segmented_rows(model, state, eval_batches, mesh, n: int) -> list[str]:
     return out
 
 
+def report_paths(path: str | Path, cfg: ConfigDict) -> list[Path]:
+    """The files `write_report` writes: the HTML report, then one atlas TSV per quantized level beside it."""
+    path = Path(path)
+    tsvs = [path.with_name(f"{path.stem}.level{k}.atlas.tsv") for k, lv in enumerate(cfg.levels) if lv.c_vq_K > 0]
+    return [path, *tsvs]
+
+
+def write_report(cfg: ConfigDict, model, state: TrainState, eval_batches, path: str | Path, rows: int, title: str):
+    """The segmentation report of `eval_batches` (report.py: the first `rows` rows that start a document in detail,
+    summary plots over all of them, a codebook atlas per quantized level with each shown code's greedy expansion)
+    as one HTML file at `path`, and each atlas as TSV beside it. Returns the paths written."""
+    from .code_expansion import CodeExpander
+    from .generation import model_variables
+    from .report import atlas_tsv, segmentation_report
+
+    variables = model_variables(state)
+    compress = jax.jit(lambda v, ids, pad: model.apply(v, ids, pad, method=model.compress_all))
+    expander = CodeExpander(model, variables, cfg)
+    page, atlases = segmentation_report(
+        lambda ids, pad: compress(variables, ids, pad),
+        eval_batches,
+        cfg.levels,
+        model_state=state.model_state,
+        max_rows=rows,
+        title=title,
+        expand_codes_fn=expander.to_bytes,
+    )
+    paths = report_paths(path, cfg)
+    paths[0].write_text(page, encoding="utf-8")
+    for atlas, tsv in zip(atlases, paths[1:]):
+        tsv.write_text(atlas_tsv(atlas), encoding="utf-8")
+    return paths
+
+
 def saved_run_config(
     workdir: str, step: int | None, data_path: str | None, max_batches: int | None, overrides: dict
 ) -> tuple[ConfigDict, int]:
@@ -189,8 +223,11 @@ def evaluate_run(
     max_batches: int | None = None,
     overrides: dict | None = None,
     show_segments: int = 0,
+    report: str | None = None,
+    report_rows: int = 6,
 ) -> tuple[dict, list[str]]:
-    """Restore `workdir`'s checkpoint and evaluate it. Returns (the JSON result, segmented sample rows)."""
+    """Restore `workdir`'s checkpoint and evaluate it. Returns (the JSON result, segmented sample rows). With
+    `report` (a path), also write the segmentation report of the same data there (`write_report`)."""
     data = {}
 
     def load_eval_data(cfg):  # data first: a bad path fails before the model is built
@@ -212,6 +249,9 @@ def evaluate_run(
         if not figures.get("data/bytes"):
             raise ConfigError("the eval data holds no bytes; check --data_path / the run's data settings.")
         samples = segmented_rows(model, state, eval_batches, mesh, show_segments) if show_segments > 0 else []
+        if report:
+            title = f"{Path(workdir).name}, step {int(state.step)}: {describe_eval_data(data_cfg)}"
+            written = write_report(cfg, model, state, eval_batches, report, report_rows, title)
 
     result = {
         "step": int(state.step),
@@ -226,6 +266,8 @@ def evaluate_run(
         "bits_per_byte": figures.pop("bits_per_byte", None),
         **scoring.describe(cfg),
     }
+    if report:
+        result["report"] = [str(p) for p in written]
     result.update(sorted(figures.items()))
     return result, samples
 

@@ -33,6 +33,8 @@ __all__ = [
     "atlas_tsv",
 ]
 
+ATLAS_CODES = 64  # codes shown (with their generated expansion) per level in the HTML atlas; the TSV lists every one
+
 
 @dataclasses.dataclass
 class LevelView:
@@ -279,7 +281,7 @@ def render_report(
     for r, row in enumerate(rows):
         out.append(f"<h2>Row {r} ({len(row.data)} bytes)</h2>")
         for k, view in enumerate(row.levels):
-            unit = "bytes" if k == 0 else f"level-{k - 1} segments"
+            unit = "tokens (bytes, BOS, EOS)" if k == 0 else f"level-{k - 1} segments"
             flag = " <b>overflow: later segments merged into the last slot</b>" if view.overflow else ""
             ratio = len(row.data) / max(len(view.segments), 1)
             out.append(
@@ -364,7 +366,7 @@ def atlas_tsv(atlas: CodebookAtlas, per_code: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atlas_html(atlas: CodebookAtlas, top_codes: int = 64, per_code: int = 8) -> str:
+def _atlas_html(atlas: CodebookAtlas, top_codes: int = ATLAS_CODES, per_code: int = 8) -> str:
     used = atlas.by_usage()
     out = [
         f"<h2>Codebook atlas, level {atlas.level}</h2>",
@@ -399,11 +401,11 @@ def segmentation_report(
     model_state: dict | None = None,
     max_rows: int = 6,
     title: str = "",
-    expand_code_fn=None,
+    expand_codes_fn=None,
 ) -> tuple[str, list[CodebookAtlas]]:
     """Run `compress_fn(ids, pad) -> per-level compressor outputs` over `batches` ({'ids', 'mask'} dicts), show the
     first `max_rows` rows that start a document in detail, summarise every row, and build a codebook atlas for each
-    quantized level (dead codes from `model_state`'s quantizer state; `expand_code_fn(level, code) -> bytes`, when
+    quantized level (dead codes from `model_state`'s quantizer state; `expand_codes_fn(level, codes) -> [bytes]`, when
     given, adds what the expander generates from each shown code alone). Returns (HTML, atlases)."""
     shown: list[RowView] = []
     seg_lengths: list[list[np.ndarray]] = [[] for _ in level_cfgs]
@@ -427,9 +429,10 @@ def segmentation_report(
             bytes_per_seg.append(len(view.data) / max(len(view.levels[0].segments), 1))
             if len(shown) < max_rows and ids[b, 0] == BOS_ID:
                 shown.append(view)
-    if expand_code_fn is not None:
+    if expand_codes_fn is not None:
         for k, atlas in atlases.items():
-            atlas.generated = {code: expand_code_fn(k, code) for code, _ in atlas.by_usage()[:64]}
+            shown_codes = [code for code, _ in atlas.by_usage()[:ATLAS_CODES]]
+            atlas.generated = dict(zip(shown_codes, expand_codes_fn(k, shown_codes)))
     stats = {
         "segment_lengths": [np.concatenate(x) if x else np.zeros(0, np.int64) for x in seg_lengths],
         "code_counts": [

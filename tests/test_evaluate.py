@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,8 +59,18 @@ def test_evaluate_prints_metrics_and_segments(workdir, tmp_path):
     jsonl = tmp_path / "held_out.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in held_out))
     out = tmp_path / "result.json"
+    report = tmp_path / "report.html"
     proc = run_evaluate(
-        "--workdir", str(workdir), "--data_path", str(jsonl), "--output", str(out), "--show_segments", "2"
+        "--workdir",
+        str(workdir),
+        "--data_path",
+        str(jsonl),
+        "--output",
+        str(out),
+        "--show_segments",
+        "2",
+        "--report",
+        str(report),
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -89,6 +100,15 @@ def test_evaluate_prints_metrics_and_segments(workdir, tmp_path):
     assert result["level0/input_tokens_per_segment"] >= 1.0
     assert sum(line.startswith("--- segmented row") for line in lines) == 2
     assert "|" in proc.stdout
+    # --report: one page (no quantizer, so no atlas TSV) showing the three held-out documents segment by segment
+    assert result["report"] == [str(report)]
+    page = report.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.count("<h2>Row ") == 3 and "Codebook atlas" not in page
+    spans = [
+        tuple(map(int, m))
+        for m in re.findall(r'data-level="0" data-segment="\d+" data-start="(\d+)" data-end="(\d+)"', page)
+    ]
+    assert spans and sum(e - s for s, e in spans) == result["data"]["bytes"]  # the shown segments tile every byte
 
     # Unreadable eval data: one line, exit code 2 (the data is read before the model is built).
     assert_one_line_error(run_evaluate("--workdir", str(workdir), "--data_path", str(tmp_path / "missing.txt")))

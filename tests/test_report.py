@@ -9,11 +9,13 @@ import re
 from html.parser import HTMLParser
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from abstractinator_jax import tokenizer
-from abstractinator_jax.config import PAD_ID, validate_config
+from abstractinator_jax.config import EOS_ID, PAD_ID, validate_config
 from abstractinator_jax.model import AbstractinatorPyramid
 from abstractinator_jax.report import atlas_tsv, dead_codes, render_report, row_views, segmentation_report
 
@@ -59,7 +61,7 @@ def compressed(request):
     def compress(ids, pad):
         return model.apply(variables, ids, pad, method=model.compress_all)
 
-    return cfg, ids, compress, jax.device_get(compress(ids, ids == PAD_ID))
+    return cfg, ids, compress, jax.device_get(compress(ids, ids == PAD_ID)), variables
 
 
 def _level0_bytes_by_loop(row, seg_id, n_seg):
@@ -72,7 +74,7 @@ def _level0_bytes_by_loop(row, seg_id, n_seg):
 
 
 def test_spans_match_the_model_segmentation(compressed):
-    cfg, ids, _, comps = compressed
+    cfg, ids, _, comps, _ = compressed
     views = row_views(ids, comps, cfg.levels)
     for b, view in enumerate(views):
         assert view.data == bytes(t for t in ids[b] if t < 256)
@@ -128,7 +130,7 @@ class _Segments(HTMLParser):
 
 
 def test_report_has_one_element_per_segment_with_its_span_and_bytes(compressed):
-    cfg, ids, compress, comps = compressed
+    cfg, ids, compress, comps, _ = compressed
     views = row_views(ids, comps, cfg.levels)
     stats = {
         "segment_lengths": [np.ones(3, np.int64)] * len(cfg.levels),
@@ -164,7 +166,7 @@ def test_report_has_one_element_per_segment_with_its_span_and_bytes(compressed):
 
 
 def test_codebook_atlas_counts_the_segments_of_each_code(compressed):
-    cfg, ids, compress, comps = compressed
+    cfg, ids, compress, comps, _ = compressed
     k = len(cfg.levels) - 1 if len(cfg.levels) == 2 else None
     if k is None:
         pytest.skip("the 1-level config has no quantizer")
@@ -197,3 +199,64 @@ def test_codebook_atlas_counts_the_segments_of_each_code(compressed):
     assert tsv[0].startswith("code\tsegments") and len(tsv) == len(want) + 2
     assert int(tsv[1].split("\t")[0]) == usage[0][0] and int(tsv[1].split("\t")[1]) == usage[0][1]
     assert f"<tr data-code='{usage[0][0]}'>" in page and "Codebook atlas, level 0" in page
+
+
+def test_report_files_for_a_pyramid_and_greedy_code_expansion(compressed, tmp_path):
+    """write_report (behind evaluate.py --report): the HTML page and one atlas TSV per quantized level, the atlas
+    counts adding up to the segments read, and each shown code's expansion a greedy decode of the expander under that
+    code alone: every generated id is the argmax of the teacher-forced logits given the ids before it."""
+    from types import SimpleNamespace
+
+    from abstractinator_jax.code_expansion import CodeExpander
+    from abstractinator_jax.evaluation import report_paths, write_report
+
+    cfg, ids, compress, comps, variables = compressed
+    variables = nn.meta.unbox(variables)  # as a train state holds them
+    model = AbstractinatorPyramid(cfg)
+    state = SimpleNamespace(
+        params=variables["params"], frozen_params={}, model_state={k: v for k, v in variables.items() if k != "params"}
+    )
+    batches = [{"ids": ids, "mask": ids == PAD_ID}]
+    paths = write_report(cfg, model, state, batches, tmp_path / "report.html", rows=2, title="t")
+    assert paths == report_paths(tmp_path / "report.html", cfg)
+    quantized = [k for k, lv in enumerate(cfg.levels) if lv.c_vq_K > 0]
+    assert [p.name for p in paths] == ["report.html"] + [f"report.level{k}.atlas.tsv" for k in quantized]
+    page = paths[0].read_text(encoding="utf-8")
+    parser = _Segments()
+    parser.feed(page)
+    assert len(parser.segments) > 0
+    for k, tsv in zip(quantized, paths[1:]):
+        lines = [ln.split("\t") for ln in tsv.read_text(encoding="utf-8").splitlines()[1:-1]]
+        read = int(np.sum(comps[k].segments.num_segments))
+        assert sum(int(ln[1]) for ln in lines) == read  # every segment of the rows counted once
+        assert f"Codebook atlas, level {k}" in page
+    if not quantized:
+        return
+
+    # level 0's expansion against the teacher-forced expander
+    expander = CodeExpander(model, variables, cfg)
+    codes = np.unique(np.asarray(comps[0].codes)[np.asarray(comps[0].valid_mask)])[:6]
+    cap = cfg.levels[0].gen_max_segment_len
+    for code, gen in zip(codes, expander.expand(0, codes)):
+        assert 1 <= len(gen) <= cap
+        full = expander.expand(0, [code])[0]
+        assert full == gen
+
+        def logits(m, targets, code):
+            level = m.levels[0]
+            row = level.compressor.quantizer.decode(code)[:, None]
+            t = targets.shape[1]
+            out, _ = level.expander(
+                row, jnp.ones((1, 1), bool), targets, jnp.zeros((1, t), bool), jnp.zeros((1, t), int)
+            )
+            return out[0]
+
+        lg = np.asarray(model.apply(variables, jnp.asarray([gen]), jnp.asarray([code]), method=logits))[0]  # (T, V)
+        allowed = (np.arange(lg.shape[-1]) < 256) | (np.arange(lg.shape[-1]) == EOS_ID)
+        for t, tok in enumerate(gen):
+            assert tok == int(np.argmax(np.where(allowed, lg[t], -np.inf))), (code, t, gen)
+    # bytes of an upper code: the lower codes it expands to, each expanded to bytes
+    if len(cfg.levels) == 2:
+        up = int(np.asarray(comps[1].codes)[0, 0])
+        lower = expander.expand(1, [up])[0]
+        assert expander.to_bytes(1, [up])[0] == b"".join(expander.to_bytes(0, lower))
