@@ -2,7 +2,7 @@
 pyramid does to text. For a few held-out rows, per level: the text with each segment shaded and its boundaries
 visible, each segment's code id and byte span on hover, and the entropy model's bits per input unit drawn as a line
 with the boundary rule's decisions marked; then summary plots over all evaluated rows (segment lengths per level,
-code usage as a rank-frequency (Zipf) plot, bytes per segment per row). Plots are inline SVG.
+code usage as a rank-frequency (Zipf) plot, bytes per segment per document). Plots are inline SVG.
 
 Bytes are bytes: a segment that starts or ends inside a multi-byte UTF-8 character shows the partial bytes in hex
 (class `cut`), invalid UTF-8 is drawn with replacement characters, and nothing here raises on any byte sequence.
@@ -219,6 +219,8 @@ def _bar_svg(values: Sequence[float], labels: Sequence[str], title: str, width: 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{40 + bw * len(values):.0f}" height="{height + 30}">',
         f'<text x="0" y="12" font-size="11">{html.escape(title)}</text>',
+        f'<text x="0" y="{height - (height - 20) + 8}" font-size="9">{top:.3g}</text>',  # the tallest bar's value
+        f'<text x="20" y="{height}" font-size="9">0</text>',
     ]
     for i, (v, lab) in enumerate(zip(values, labels)):
         h = (height - 20) * v / top
@@ -268,7 +270,8 @@ def render_report(
     atlases: Sequence[CodebookAtlas] = (),
 ) -> str:
     """The whole report as one HTML document. `stats` comes from `segmentation_report` (or any dict with
-    'segment_lengths' [per level arrays], 'code_counts' [per level arrays or None], 'bytes_per_segment' [per row])."""
+    'segment_lengths' [per level arrays], 'code_counts' [per level arrays or None], 'bytes_per_segment' [per
+    document])."""
     out = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
@@ -306,7 +309,7 @@ def render_report(
                 )
             )
     bps = list(stats["bytes_per_segment"])
-    cells.append(_bar_svg(bps, [f"row {i}" for i in range(len(bps))], "bytes per level-0 segment, per row"))
+    cells.append(_bar_svg(bps, [f"doc {i}" for i in range(len(bps))], "bytes per level-0 segment, per document"))
     out.append("<div>" + "".join(f"<div style='display:inline-block;margin:8px'>{c}</div>" for c in cells) + "</div>")
     rows_html = "".join(
         f"<tr><td>{k}</td><td>{np.mean(lengths) if len(lengths) else 0:.2f}</td><td>{len(lengths)}</td></tr>"
@@ -383,7 +386,12 @@ def _atlas_html(atlas: CodebookAtlas, top_codes: int = ATLAS_CODES, per_code: in
         cells = " ".join(
             f"<span class='seg a' data-code='{code}'>{html.escape(_shown(b))}</span>&times;{k}" for b, k in top
         )
-        gen = f"<td class='text'>{html.escape(_shown(atlas.generated.get(code, b'')))}</td>" if atlas.generated else ""
+        gen = _shown(atlas.generated.get(code, b""))
+        gen = (
+            f"<td class='text' style='text-align:left;white-space:pre'>{html.escape(gen)}</td>"
+            if atlas.generated
+            else ""
+        )
         out.append(
             f"<tr data-code='{code}'><td>{code}</td><td>{n}</td><td>{len(atlas.segments[code])}</td>{gen}"
             f"<td class='text' style='text-align:left'>{cells}</td></tr>"
@@ -414,7 +422,7 @@ def segmentation_report(
         for k, lv in enumerate(level_cfgs)
         if lv.c_vq_K > 0
     }
-    bytes_per_seg = []
+    doc_totals: list[list[int]] = []  # per document (rows in order): [bytes, level-0 segments]
     for batch in batches:
         ids = np.asarray(batch["ids"])
         comps = jax.device_get(compress_fn(ids, ids == PAD_ID))
@@ -426,7 +434,10 @@ def segmentation_report(
                 if k in atlases:
                     for code, (s, e) in zip(lv.codes, lv.segment_spans):
                         atlases[k].segments.setdefault(code, Counter())[view.data[s:e]] += 1
-            bytes_per_seg.append(len(view.data) / max(len(view.levels[0].segments), 1))
+            if ids[b, 0] == BOS_ID or not doc_totals:  # a row that starts with BOS starts a document
+                doc_totals.append([0, 0])
+            doc_totals[-1][0] += len(view.data)
+            doc_totals[-1][1] += len(view.levels[0].segments)
             if len(shown) < max_rows and ids[b, 0] == BOS_ID:
                 shown.append(view)
     if expand_codes_fn is not None:
@@ -438,7 +449,7 @@ def segmentation_report(
         "code_counts": [
             np.asarray([n for _, n in atlases[k].by_usage()]) if k in atlases else None for k in range(len(level_cfgs))
         ],
-        "bytes_per_segment": bytes_per_seg,
+        "bytes_per_segment": [n / max(segs, 1) for n, segs in doc_totals],
     }
     atlas_list = list(atlases.values())
     page = render_report(shown, stats, level_cfgs, title=title or "Segmentation report", atlases=atlas_list)
