@@ -9,15 +9,33 @@ makes `.bench-venv/` (gitignored): a venv with a CPU build of torch and numpy, a
 build that pulls ~3 GB of NVIDIA wheels (~6 GB installed); setup therefore installs a local CPU wheel when pip's
 find-links has one (or `--torch-wheel PATH`), and refuses the CUDA build unless `--allow-cuda-torch`.
 
-Then:
+Then (modes):
 
+    # the paired step time: one JSON line with medians per step, bytes/s, the ratio and both last losses
     python bench/vs_original.py --config configs/stage1_super_tiny.py --batch_size 8 --sequence_length 512 \
         --rounds 5 --steps_per_round 2
 
+    # per-component forward+backward times of both (level-0 compressor, level-0 expander, top transformer,
+    # optimizer update) and the whole step: one JSON line
+    python bench/vs_original.py --components --config configs/stage1_super_tiny.py --batch_size 8 \
+        --sequence_length 512 --reps 5
+
+    # check the original's exact attention modes against torch's flex_attention, and that they train (PASS/FAIL)
+    python bench/vs_original.py --check --config configs/stage1_super_tiny.py --batch_size 2 --sequence_length 128
+
 Both models are built from the same config (the original's from its components/, sized by our config's fields);
 each side compiles first (ours: jit; the original: eager, or `--torch_compile` as its train.py does), then the
-driver alternates rounds of `--steps_per_round` steps: ours, then the original's (a subprocess waiting on stdin),
-so both see the same machine load. Prints one JSON line: medians per step, bytes/s and the ratio.
+driver alternates rounds of `--steps_per_round` steps: ours, then the original's (a subprocess waiting on stdin,
+bench/original_side.py), so both see the same machine load.
+
+The original's attention (`--original_attention`, see bench/original_side.py): `auto` (default) is its own
+flex_attention with CUDA and `exact_dense` without: torch has no flex_attention backward on CPU, so on a CPU the
+original trains with its flex_attention calls replaced by an exact dense PyTorch equivalent (same masks, scale and
+empty-row handling; checked by `--check`), which computes every (query, key) score where flex skips the blocks its
+mask leaves out. `exact_sparse` is the same function computed only on the blocks the mask lists, as flex's kernel
+does (same losses; the work of a block-sparse kernel, so the fairer CPU stand-in for flex at long sequences).
+`fallback` is the original's own use_flex_attention=False path: at e38a88d its masks are wrong and its loss is NaN
+from the second step (see bench/original_side.py); timing only.
 """
 
 from __future__ import annotations
@@ -107,12 +125,16 @@ def setup(args) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _need_venv():
+    if not (VENV / "bin" / "python").exists() or not ORIGINAL.is_dir():
+        sys.exit("error: no benchmark environment; run python bench/vs_original.py --setup first.")
+
+
 class OriginalSide:
     """The original's model in the torch venv, driven over stdin/stdout (bench/original_side.py)."""
 
     def __init__(self, cfg_dict: dict, torch_compile: bool, threads: int | None, attention: str):
-        if not (VENV / "bin" / "python").exists() or not ORIGINAL.is_dir():
-            sys.exit("error: no benchmark environment; run python bench/vs_original.py --setup first.")
+        _need_venv()
         self.tmp = tempfile.mkdtemp()
         cfg_path = os.path.join(self.tmp, "config.json")
         with open(cfg_path, "w") as f:
@@ -148,16 +170,13 @@ class OriginalSide:
             self.proc.wait(timeout=60)
 
 
-def run(args) -> dict:
-    import jax
+def prepare(args):
+    """(config, its JSON-able dict, the real-text batch (B, S) int32 and its .npy path) for these arguments."""
     import numpy as np
     from train_step import real_batch
 
-    from abstractinator_jax import steps, train_state
     from abstractinator_jax.cli import load_config_file
     from abstractinator_jax.config import to_dict, validate_config
-    from abstractinator_jax.model import AbstractinatorPyramid
-    from abstractinator_jax.sharding import make_mesh
 
     cfg = load_config_file(args.config)
     cfg.batch_size, cfg.sequence_length, cfg.gradient_accumulation_steps = args.batch_size, args.sequence_length, 1
@@ -168,17 +187,38 @@ def run(args) -> dict:
     ids = real_batch(args.batch_size, args.sequence_length, seed=args.seed)
     ids_path = os.path.join(tempfile.mkdtemp(), "ids.npy")
     np.save(ids_path, ids)
+    return cfg, to_dict(cfg), ids, ids_path
 
-    theirs = OriginalSide(to_dict(cfg), args.torch_compile, args.threads, args.original_attention)
+
+def ours_setup(cfg, ids):
+    """(mesh, model, optimizer, state, the compiled train step, batch) of our side."""
+    import jax
+    import numpy as np
+
+    from abstractinator_jax import steps, train_state
+    from abstractinator_jax.model import AbstractinatorPyramid
+    from abstractinator_jax.sharding import make_mesh
+
     mesh = make_mesh(cfg.mesh)
     model = AbstractinatorPyramid(cfg)
     opt = train_state.make_optimizer(cfg)
     state, shardings = train_state.create_train_state(cfg, model, mesh, opt)
     step = steps.make_train_step(cfg, model, mesh, opt, shardings)
     batch = {"ids": ids[None], "mask": np.zeros_like(ids, bool)[None]}
-    holder = {}
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
+    return mesh, model, opt, state, compiled, batch
+
+
+def run(args) -> dict:
+    import jax
+    import numpy as np
+
+    cfg, cfg_dict, ids, ids_path = prepare(args)
+    theirs = OriginalSide(cfg_dict, args.torch_compile, args.threads, args.original_attention)
+    mesh, _, _, state, compiled, batch = ours_setup(cfg, ids)
+    holder = {}
+    with jax.set_mesh(mesh):
         holder["state"], _ = compiled(state, batch)  # donated: keep the new state
 
         def ours(n):
@@ -192,13 +232,14 @@ def run(args) -> dict:
 
         ours(args.warmup)
         first = theirs.ask(cmd="steps", n=args.warmup, ids=ids_path)  # eager warm-up, or torch.compile's compile
-        mine_t, their_t, their_loss = [], [], first["loss"][-1]
+        mine_t, their_t, their_loss, all_finite = [], [], first["loss"][-1], first["finite"]
         for _ in range(args.rounds):
             t, our_loss = ours(args.steps_per_round)
             mine_t += t
             r = theirs.ask(cmd="steps", n=args.steps_per_round, ids=ids_path)
             their_t += r["seconds"]
             their_loss = r["loss"][-1]
+            all_finite = all_finite and r["finite"]
     theirs.close()
     ours_s, theirs_s = float(np.median(mine_t)), float(np.median(their_t))
     n_bytes = ids.size
@@ -209,7 +250,7 @@ def run(args) -> dict:
         "torch": theirs.info.get("torch"),
         "torch_threads": theirs.info.get("threads"),
         "torch_compile": args.torch_compile,
-        "original_attention": args.original_attention,
+        "original_attention": theirs.info.get("attention"),
         "ours_step_s": round(ours_s, 4),
         "original_step_s": round(theirs_s, 4),
         "ours_bytes_per_s": round(n_bytes / ours_s, 1),
@@ -217,8 +258,186 @@ def run(args) -> dict:
         "speedup_ours_over_original": round(theirs_s / ours_s, 3),
         "ours_last_loss": round(our_loss, 4),
         "original_last_loss": round(their_loss, 4),
+        "original_losses_finite": bool(all_finite),
         "steps_each": len(mine_t),
     }
+
+
+def our_components(cfg, model, opt, state, compiled, batch, mesh, reps: int) -> dict:
+    """Median seconds (over `reps`, after a compiling call) of our level-0 parts, each its own jitted forward+backward
+    on the real batch, split as bench/original_side.py splits the original (Original.components): the compressor
+    (embedding, stacks, segmentation, pooler, quantizer with its state update) with the expander's (and the top's)
+    gradient on its memory rows as cotangent; the expander on those rows (and their gradient) with its code CE; the
+    top transformer on the top level's rows (when use_top_code_lm); the optimizer update (clipping + AdamW) on a real
+    step's gradients; and, not parts, the whole loss's forward+backward and the whole compiled train step. `state`
+    is donated to the last (do not use it after)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import linen as nn
+
+    from abstractinator_jax.losses import masked_cross_entropy
+    from abstractinator_jax.sharding import LOGICAL_AXIS_RULES
+    from abstractinator_jax.steps import _loss_fn
+
+    ids, pad = jnp.asarray(batch["ids"][0]), jnp.asarray(batch["mask"][0])
+    lv = cfg.levels[0]
+    params, model_state = state.params, state.model_state
+    mutable, rng = list(model_state), jax.random.key(0)
+    use_top = bool(cfg.use_top_code_lm)
+
+    def apply(p, fn, *args, train=False):
+        """(output, new model state) of `fn(module, *args)` with parameters p."""
+        variables = {"params": p, **model_state}
+        if train and mutable:
+            return model.apply(variables, *args, method=fn, mutable=mutable, rngs={"vq": rng})
+        return model.apply(variables, *args, method=fn), model_state
+
+    def with_level0(rest, sub):
+        return {**rest, "level_0": {**rest["level_0"], **sub}}
+
+    l0 = params["level_0"]
+    comp_names = [k for k in l0 if k != "expander"]  # the embedding (level 0) and the compressor
+    comp_sub = {k: l0[k] for k in comp_names}
+    exp_sub = {"expander": l0["expander"]}
+
+    def compress(p, train):
+        return apply(p, lambda m, i, k: m.levels[0].compress(i, k, train), ids, pad, train=train)
+
+    def compressor_fb(sub, ct):
+        def f(sub):
+            c, new_state = compress(with_level0(params, sub), True)
+            aux = lv.w_byte_lm_ce * c.entropy.loss + lv.w_vq * c.vq_loss
+            return aux + jnp.sum(c.quantized * ct), new_state
+
+        return jax.grad(f, has_aux=True)(sub)
+
+    def expander_fb(sub, memory, valid, seg_id):
+        def f(sub, memory):
+            def run(m, *a):
+                return m.levels[0].expander(*a)
+
+            (logits, digits), _ = apply(with_level0(params, sub), run, memory, valid, ids, pad, seg_id, None)
+            ce = sum(masked_cross_entropy(lg, digits[..., s], ~pad) for s, lg in enumerate(logits))
+            return lv.w_code_ce * ce
+
+        return jax.grad(f, argnums=(0, 1))(sub, memory)
+
+    def top_fb(sub, comp):
+        def f(sub, rows):
+            (loss, _), _ = apply({**params, "top": sub}, lambda m, c: m._top(c), comp.replace(quantized=rows))
+            return cfg.top_lm_loss_weight * loss
+
+        return jax.grad(f, argnums=(0, 1))(sub, comp.quantized)
+
+    def full_grads(p, train=False):
+        """The whole loss's gradient (and, training, the new quantizer state), as the train step computes it."""
+        grads, (_, new_state) = jax.grad(
+            lambda p: _loss_fn(model, p, model_state, ids, pad, rng, train=train), has_aux=True
+        )(p)
+        return grads, new_state
+
+    def opt_update(grads, opt_state, p):
+        updates, opt_state = opt.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state
+
+    def timed(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    out = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        comp, _ = jax.jit(compress, static_argnums=1)(params, False)
+        exp_j = jax.jit(expander_fb)
+        _, ct = exp_j(exp_sub, comp.quantized, comp.valid_mask, comp.segments.seg_id)
+        if use_top:
+            top_comp = jax.jit(lambda p: apply(p, lambda m, i, k: m._levels(i, k, False)[2], ids, pad)[0])(params)
+            top_j = jax.jit(top_fb)
+            _, top_ct = top_j(params["top"], top_comp)
+            if len(cfg.levels) == 1:
+                ct = ct + top_ct
+            out["top"] = timed(top_j, params["top"], top_comp)
+        out["expander"] = timed(exp_j, exp_sub, comp.quantized, comp.valid_mask, comp.segments.seg_id)
+        out["compressor"] = timed(jax.jit(compressor_fb), comp_sub, ct)
+        full_j = jax.jit(full_grads, static_argnums=1)
+        grads, _ = full_j(params, False)
+        out["forward_backward"] = timed(full_j, params, True)
+        out["optimizer"] = timed(jax.jit(opt_update), grads, state.opt_state, params)
+        holder = {"state": state}
+
+        def step():
+            holder["state"], m = compiled(holder["state"], batch)
+            return m
+
+        out["step"] = timed(step)
+    return out
+
+
+PARTS = ("compressor", "expander", "top", "optimizer")
+
+
+def _parts_note(t: dict) -> tuple[float, str]:
+    """(sum of the parts / the whole step, a sentence saying whether they add up and where the rest goes)."""
+    parts = sum(t[k] for k in PARTS if k in t)
+    ratio = parts / t["step"]
+    model = sum(t[k] for k in PARTS if k in t and k != "optimizer") / t["forward_backward"]
+    rest = t["step"] - t["forward_backward"] - t["optimizer"]
+    where = (
+        f"compressor+expander(+top) = {model:.2f} x the whole loss's forward+backward, which also has the loss sums, "
+        f"metrics and any level above 0; the step minus that forward+backward and the optimizer leaves {rest:.4f} s "
+        "(ours: gradient accumulation, metrics, the step guard)"
+    )
+    if abs(ratio - 1) <= 0.15:
+        return round(ratio, 3), f"the parts add up to the whole step within 15% ({where})"
+    return round(ratio, 3), f"the parts do NOT add up: they sum to {ratio:.2f} x the whole step ({where})"
+
+
+def components(args) -> dict:
+    cfg, cfg_dict, ids, ids_path = prepare(args)
+    theirs = OriginalSide(cfg_dict, False, args.threads, args.original_attention)
+    mesh, model, opt, state, compiled, batch = ours_setup(cfg, ids)
+    ours = our_components(cfg, model, opt, state, compiled, batch, mesh, args.reps)
+    original = theirs.ask(cmd="components", reps=args.reps, ids=ids_path)
+    theirs.close()
+    res = {
+        "config": os.path.basename(args.config),
+        "batch_size": args.batch_size,
+        "sequence_length": args.sequence_length,
+        "torch": theirs.info.get("torch"),
+        "torch_threads": theirs.info.get("threads"),
+        "original_attention": theirs.info.get("attention"),
+        "reps": args.reps,
+        "seconds": {
+            k: {"ours": round(ours[k], 4), "original": round(original[k], 4), "original_over_ours": 0.0}
+            for k in (*PARTS, "forward_backward", "step")
+            if k in ours
+        },
+    }
+    for v in res["seconds"].values():
+        v["original_over_ours"] = round(v["original"] / v["ours"], 3)
+    res["ours_parts_over_step"], res["ours_note"] = _parts_note(ours)
+    res["original_parts_over_step"], res["original_note"] = _parts_note(original)
+    return res
+
+
+def check(args) -> int:
+    """Run bench/check_original_side.py in the benchmark environment on this config and a real-text batch."""
+    _need_venv()
+    _, cfg_dict, _, ids_path = prepare(args)
+    cfg_path = os.path.join(os.path.dirname(ids_path), "config.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg_dict, f)
+    cmd = [str(VENV / "bin" / "python"), str(ROOT / "bench" / "check_original_side.py"), "--original", str(ORIGINAL)]
+    cmd += ["--config-json", cfg_path, "--ids", ids_path, "--steps", str(args.check_steps)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return subprocess.run(cmd).returncode
 
 
 def main():
@@ -238,19 +457,28 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument(
         "--original_attention",
-        choices=("flex", "dense"),
-        default="flex",
-        help="flex (the original's kernels; on CPU torch has no eager flex_attention backward) or dense (its "
-        "fallback: timing only, see bench/original_side.py)",
+        choices=("auto", "flex", "exact_dense", "exact_sparse", "fallback"),
+        default="auto",
+        help="auto: flex with CUDA, else exact_dense (its flex_attention calls evaluated densely, exactly; torch has "
+        "no flex_attention backward on CPU); exact_sparse: the same on the BlockMask's blocks only (flex's work); "
+        "fallback: its own dense path, wrong masks at e38a88d, timing only",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--components", action="store_true", help="per-component forward+backward times of both sides")
+    ap.add_argument("--reps", type=int, default=5, help="--components: timed repetitions per part (median)")
+    ap.add_argument("--check", action="store_true", help="check the original's exact attention modes (PASS/FAIL)")
+    ap.add_argument("--check_steps", type=int, default=20, help="--check: train steps on the repeated batch")
     args = ap.parse_args()
     if args.setup:
         setup(args)
         return
     if not args.config:
         sys.exit("error: pass --config (or --setup).")
-    print(json.dumps(run(args)))
+    if args.check:
+        sys.exit(check(args))
+    if args.components and args.torch_compile:
+        sys.exit("error: --components runs the original eagerly (its top transformer's own @torch.compile aside).")
+    print(json.dumps(components(args) if args.components else run(args)))
 
 
 if __name__ == "__main__":
