@@ -16,7 +16,11 @@ which saves the config as JSON and a real-text batch as .npy, then runs
    against autograd through torch's reference math_attention (float64, max abs difference <= 1e-9 relative to the
    gradient's size);
 2. `--steps` (20) train steps of the original with each mode on the repeated unpadded batch: a finite loss that goes
-   down, and the same losses in both modes.
+   down, and the same losses in both modes;
+3. forced segmentation (`Original.force_segmentation`, used by `vs_original.py --segmentation trained`): forcing
+   the original's own level-0 boundaries gives the same seg_id / patch_end_mask / first_byte_idx as its Segmenter
+   and the same loss and gradients as an unforced twin (same seed); forcing other boundaries (a segment
+   every 3 bytes) gives 3 bytes per segment and finite, trainable losses.
 Also reports (INFO, not checked) that the untouched flex_attention cannot train on CPU, and the loss the original's
 own dense fallback gives over 3 steps. Prints PASS/FAIL lines; exits 1 on any FAIL.
 """
@@ -90,6 +94,53 @@ class Recorder:
                 rel = float((a - b).abs().max() / a.abs().max().clamp(min=1e-30))
                 r["grad"] = max(r.get("grad", 0.0), rel if torch.isfinite(b).all() else math.inf)
         return side.exact_flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, **kw)
+
+
+def check_forced_segmentation(cfg: dict, ids, kpm, report) -> None:
+    """Check 3 of the module docstring."""
+    import components.segment_compressor as sc
+
+    side._exact_attention_patch()
+    free, forced = side.Original(cfg), side.Original(cfg)  # same seed: twins
+    own = free.segmentation(ids, kpm)
+    forced.force_segmentation(own["patch_end_mask"])
+    again = forced.segmentation(ids, kpm)
+    with torch.no_grad():
+        level = free.model.levels[0]
+        bits = level.compressor.entropy_model.entropy(level.compressor._run_shared(level.embedding(ids), kpm), kpm)
+        want = sc.Segmenter.forward(level.compressor.segmenter, bits)
+        got = forced.model.levels[0].compressor.segmenter(bits)
+    same = all(
+        torch.equal(getattr(want, k), getattr(got, k)) and getattr(want, k).dtype == getattr(got, k).dtype
+        for k in ("seg_id", "patch_end_mask", "first_byte_idx")
+    )
+    report(
+        same and torch.equal(again["patch_end_mask"], own["patch_end_mask"]),
+        f"forcing the original's own boundaries ({own['bytes_per_segment']:.2f} bytes/segment) reproduces its "
+        "Segmenter's seg_id, patch_end_mask and first_byte_idx (values and dtypes)",
+    )
+    la, lb = free.loss(ids, kpm), forced.loss(ids, kpm)
+    la.backward()
+    lb.backward()
+    la, lb = la.item(), lb.item()
+    grads = [(p.grad, q.grad) for p, q in zip(free.model.parameters(), forced.model.parameters())]
+    same_grads = all((g is None and h is None) or torch.equal(g, h) for g, h in grads)
+    report(  # one step only: after it the unforced twin's entropy model has moved its boundaries, the forced not
+        la == lb and same_grads,
+        f"... and the same loss ({la:.6f} vs {lb:.6f}) and gradients (equal: {same_grads})",
+    )
+    every3 = torch.zeros_like(kpm)
+    every3[:, 2::3] = True
+    every3[:, -1] = True
+    other = side.Original(cfg)
+    other.force_segmentation(every3)
+    seg = other.segmentation(ids, kpm)
+    losses = [other.train_step(ids, kpm) for _ in range(5)]
+    report(
+        abs(seg["bytes_per_segment"] - 3) < 0.05 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0],
+        f"forcing a segment every 3 bytes: {seg['bytes_per_segment']:.3f} bytes/segment, losses "
+        + " ".join(f"{x:.4f}" for x in losses),
+    )
 
 
 def main():
@@ -170,6 +221,9 @@ def main():
         )
     gap = max(abs(a - b) for a, b in zip(*curves.values()))
     report(gap <= 1e-3, f"exact_dense and exact_sparse train alike: max loss difference {gap:.2e}")
+
+    # 3. forced segmentation
+    check_forced_segmentation(cfg, ids, kpm, report)
 
     # INFO: the original's own dense fallback (timing only)
     side._fallback_attention_patch()

@@ -8,6 +8,10 @@ as JSON by `config.to_dict`, then answers commands read as JSON lines on stdin, 
   {"cmd": "count"}                            -> parameters per component (our component names)
   {"cmd": "steps", "n": 3, "ids": path}       -> seconds and loss of each of n train steps on the (B, S) int .npy batch
   {"cmd": "components", "reps": 3, "ids": p}  -> median forward+backward seconds per component, and the whole step
+  {"cmd": "segmentation", "ids": p, "force": m} -> level 0's segmentation of the batch: bytes per segment etc.; with
+                                                   "force" (a (B, S) bool .npy: True on the last byte of each
+                                                   segment), first force level 0's boundaries to that mask for
+                                                   every later forward (see Original.force_segmentation)
   {"cmd": "quit"}
 A train step is the original's: forward (levels, and the top transformer when use_top_code_lm), loss_total plus
 top_lm_loss_weight * top_lm_mse_weight * the top loss, backward, global-norm clipping, AdamW.
@@ -30,6 +34,13 @@ learned-query pooler, components/learned_query_attention.py):
                the block mask keeps (so it attends to future keys and to those beyond the window), indexes the PAD
                mask with a scalar and drops flex's 1/sqrt(r) scale; its pooler's softmax over the empty query slots
                gives NaN gradients, so the loss is NaN from the second step on. Timing only.
+
+Segmentation: by default the original segments with its own entropy model (at initialisation: long segments, as its
+weights are random). `Original.force_segmentation(mask)` replaces level 0's Segmenter (the module whose forward
+calls `entropy_segments`, components/segment_compressor.py) by `ForcedSegmenter`, which returns the given boundaries
+for the batch they were computed on (same seg_id / patch_end_mask / first_byte_idx definitions and dtypes as
+`entropy_segments` and Segmenter.forward); the entropy model still runs and trains (its loss is unchanged), only the
+boundary decision is forced. bench/vs_original.py uses it to run the original at a trained model's segmentation.
 """
 
 from __future__ import annotations
@@ -318,6 +329,56 @@ def count(model, top) -> dict:
     return out
 
 
+def forced_boundaries(patch_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seg_id int64, patch_end_mask bool), both (B, S), as components/utils.py `entropy_segments(...,
+    return_boundary=True)` defines them, from a boundary mask (B, S) True on the last token of each segment: token 0
+    is in segment 0, token t >= 1 starts a new segment when token t-1 ends one, and the last token always ends one."""
+    patch_end = patch_end.to(torch.bool)
+    if patch_end.ndim != 2 or not bool(patch_end[:, -1].all()):
+        raise ValueError("a forced boundary mask must be (B, S) and True on each row's last token")
+    start = torch.zeros_like(patch_end, dtype=torch.long)
+    start[:, 1:] = patch_end[:, :-1].long()
+    seg_id = torch.cumsum(start, dim=1)
+    check = torch.zeros_like(patch_end)
+    check[:, :-1] = seg_id[:, 1:] != seg_id[:, :-1]
+    check[:, -1] = True
+    assert torch.equal(check, patch_end), "forced boundaries do not round-trip through entropy_segments' definition"
+    return seg_id, patch_end
+
+
+def _segmenter_class():
+    import components.segment_compressor as sc
+
+    class ForcedSegmenter(sc.Segmenter):
+        """components/segment_compressor.py's Segmenter with its boundary decision (`entropy_segments` on the entropy
+        bits) replaced by fixed boundaries for one (B, S) batch; the rest of its forward (first_byte_idx) as there."""
+
+        def __init__(self, base, patch_end: torch.Tensor):
+            super().__init__(increase_delta=base.increase_delta, abs_threshold=base.abs_threshold)
+            seg_id, patch_end = forced_boundaries(patch_end)
+            self.register_buffer("forced_seg_id", seg_id, persistent=False)
+            self.register_buffer("forced_patch_end", patch_end, persistent=False)
+
+        @torch.no_grad()
+        def forward(self, entropy_bits):
+            if entropy_bits.shape != self.forced_seg_id.shape:
+                raise ValueError(
+                    f"forced segmentation is for (B, S) = {tuple(self.forced_seg_id.shape)}, got entropy bits "
+                    f"{tuple(entropy_bits.shape)}: force it for the batch being run"
+                )
+            seg_id = self.forced_seg_id.to(entropy_bits.device)
+            patch_end_mask = self.forced_patch_end.to(entropy_bits.device)
+            B, S = seg_id.shape  # from here on as Segmenter.forward
+            idx = torch.arange(S, device=seg_id.device).expand(B, -1)
+            is_start = torch.ones_like(seg_id, dtype=torch.bool)
+            is_start[:, 1:] = seg_id[:, 1:] != seg_id[:, :-1]
+            first_pos = torch.where(is_start, idx, torch.zeros_like(idx))
+            first_byte_idx = torch.cummax(first_pos, dim=1).values
+            return sc.SegmentBoundaries(seg_id=seg_id, patch_end_mask=patch_end_mask, first_byte_idx=first_byte_idx)
+
+    return ForcedSegmenter
+
+
 class Original:
     """The original's model, top transformer, AdamW and train step, built from our config dict."""
 
@@ -340,6 +401,31 @@ class Original:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["gradient_clip_norm"])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def force_segmentation(self, patch_end) -> None:
+        """From now on level 0 cuts the batch (B, S) into the segments of `patch_end` (bool (B, S), True on the last
+        token of each segment) instead of where its entropy model's bits jump; the entropy model still runs and
+        trains. Levels above 0 (their inputs are level 0's rows) keep their own segmentation."""
+        comp = self.model.levels[0].compressor
+        comp.segmenter = _segmenter_class()(comp.segmenter, torch.as_tensor(np.asarray(patch_end)))
+
+    @torch.no_grad()
+    def segmentation(self, ids, kpm) -> dict:
+        """Level 0's segmentation of the batch as the compressor's forward computes it (its shared stack, entropy
+        model and Segmenter, forced or not: `segment_only`): real bytes, segments (counted as its forward counts
+        them for valid_mask), bytes per segment, and the (B, S) patch_end_mask."""
+        level = self.model.levels[0]
+        seg_id, patch_end = level.compressor.segment_only(level.embedding(ids), kpm)
+        seg_real = torch.where(kpm, seg_id.new_full((), -1), seg_id)
+        nseg = seg_real.amax(dim=1).clamp(min=-1) + 1
+        real = int((~kpm).sum())
+        segments = int(nseg.sum())
+        return {
+            "real_bytes": real,
+            "segments": segments,
+            "bytes_per_segment": real / max(segments, 1),
+            "patch_end_mask": patch_end,
+        }
 
     def train_step(self, ids, kpm) -> float:
         loss = self.loss(ids, kpm)
@@ -480,6 +566,17 @@ def main():
             print(json.dumps({"seconds": times, "loss": losses, "finite": ok}), flush=True)
         elif cmd["cmd"] == "components":
             print(json.dumps(orig.components(ids, kpm, cmd["reps"])), flush=True)
+        elif cmd["cmd"] == "segmentation":
+            forced = None
+            if cmd.get("force"):
+                forced = np.load(cmd["force"]).astype(bool)
+                orig.force_segmentation(forced)
+            seg = orig.segmentation(ids, kpm)
+            mask = seg.pop("patch_end_mask").numpy()
+            seg["forced"] = forced is not None
+            if forced is not None:
+                seg["matches_forced"] = bool(np.array_equal(mask, forced))
+            print(json.dumps(seg), flush=True)
 
 
 if __name__ == "__main__":
