@@ -20,7 +20,12 @@ Then (modes):
     python bench/vs_original.py --components --config configs/stage1_super_tiny.py --batch_size 8 \
         --sequence_length 512 --reps 5
 
-    # check the original's exact attention modes against torch's flex_attention, and that they train (PASS/FAIL)
+    # either of the above at a trained model's segmentation (a train.py run of the same config), not at init's
+    python bench/vs_original.py --segmentation trained --trained_workdir runs/stage1 \
+        --config configs/stage1_super_tiny.py --batch_size 8 --sequence_length 512 --rounds 5 --steps_per_round 2
+
+    # check the original's exact attention modes against torch's flex_attention, that they train, and the forced
+    # segmentation (PASS/FAIL)
     python bench/vs_original.py --check --config configs/stage1_super_tiny.py --batch_size 2 --sequence_length 128
 
 Both models are built from the same config (the original's from its components/, sized by our config's fields);
@@ -36,6 +41,21 @@ mask leaves out. `exact_sparse` is the same function computed only on the blocks
 does (same losses; the work of a block-sparse kernel, so the fairer CPU stand-in for flex at long sequences).
 `fallback` is the original's own use_flex_attention=False path: at e38a88d its masks are wrong and its loss is NaN
 from the second step (see bench/original_side.py); timing only.
+
+Segmentation (`--segmentation`): the original's cost depends on where level 0 cuts the bytes (its pooling, top
+transformer and expander work depends on the real number of segments), ours much less (fixed slots,
+c_output_length / c_num_queries per row, whatever the count). `init` (default): each side at its random
+initialisation, cutting where its own untrained entropy model says (several times longer segments than a trained
+model's). `trained`: ours restores the parameters and quantizer state (and optimizer state and step) of the latest
+checkpoint of `--trained_workdir` (a train.py run whose saved config matches `--config` in the model, the loss
+weights and the optimizer; data, sequence, batch and run bookkeeping may differ; read only), so its step runs at that
+model's segmentation. The original cannot load our weights: it keeps its own random initialisation, and its level-0
+boundaries are forced, for the benchmark batch, to ours (our trained model's patch_end_mask of that batch, see
+bench/original_side.py Original.force_segmentation); its entropy model still runs and trains, only the boundary
+decision is forced. Level 0 only, so `trained` takes one-level configs. Both modes report each side's level-0 bytes
+per segment on the batch (`bytes_per_segment`; forced, the original's equals ours) and, in the paired mode, the same
+at the last step (`bytes_per_segment_last`: ours from its last step's metric; the original's own boundaries move as
+its entropy model trains, unless forced).
 """
 
 from __future__ import annotations
@@ -183,6 +203,8 @@ def prepare(args):
     cfg.dtype = "float32"
     if cfg.stage == 2:
         sys.exit("error: compare stage-1 configs (the original's stage 2 trains on a frozen, loaded pyramid).")
+    if getattr(args, "segmentation", "init") == "trained" and len(cfg.levels) > 1:
+        sys.exit("error: --segmentation trained forces level 0's boundaries only: use a one-level config.")
     validate_config(cfg)
     ids = real_batch(args.batch_size, args.sequence_length, seed=args.seed)
     ids_path = os.path.join(tempfile.mkdtemp(), "ids.npy")
@@ -190,8 +212,61 @@ def prepare(args):
     return cfg, to_dict(cfg), ids, ids_path
 
 
-def ours_setup(cfg, ids):
-    """(mesh, model, optimizer, state, the compiled train step, batch) of our side."""
+# The saved config of a --trained_workdir run must equal the benchmarked one in these sections (besides
+# config.MODEL_KEYS): what the train step computes. The rest (data, sequence length, batch, step count, logging,
+# checkpoints, seed, mesh, dtype: the benchmark runs float32) may differ.
+STEP_KEYS = (
+    "top_lm_loss_weight",
+    "top_lm_mse_weight",
+    "top_lm_ce_weight",
+    "learning_rate",
+    "min_lr",
+    "warmup_steps",
+    "weight_decay",
+    "adam_b1",
+    "adam_b2",
+    "gradient_clip_norm",
+    "attention_impl",
+)
+
+
+def restore_trained(cfg, workdir: str):
+    """(build(cfg)'s Run, the train state of `workdir`'s latest checkpoint, {trained_step, differences not checked})
+    after checking that the checkpoint's saved config is `cfg` in the model and the step (MODEL_KEYS, STEP_KEYS).
+    Reads the workdir only."""
+    from abstractinator_jax.build import build
+    from abstractinator_jax.checkpointing import CheckpointManager
+    from abstractinator_jax.config import MODEL_KEYS, model_config_differences, to_dict
+    from abstractinator_jax.recovery import restore_checked
+
+    if not (Path(workdir) / "checkpoints").is_dir():
+        sys.exit(f"error: --trained_workdir {workdir!r} holds no checkpoints/; pass the --workdir of a train.py run.")
+    with CheckpointManager(workdir, max_to_keep=None) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            sys.exit(f"error: no checkpoint under {ckpt.directory}.")
+        saved = ckpt.restore_config(step)
+        if saved is None:
+            sys.exit(f"error: checkpoint step {step} under {ckpt.directory} was saved without its config.")
+        current = to_dict(cfg)
+        diffs = model_config_differences(saved, current) + model_config_differences(saved, current, keys=STEP_KEYS)
+        if diffs:
+            sys.exit(
+                f"error: --trained_workdir {workdir} (step {step}) was trained with a config that differs from "
+                f"--config in the model or the train step:\n  - " + "\n  - ".join(diffs) + "\nBenchmark it with the "
+                "config it was trained with (only data, sequence, batch and run settings may differ)."
+            )
+        other = sorted((set(saved) | set(current)) - {*MODEL_KEYS, *STEP_KEYS})
+        unchecked = sorted({d.split(":")[0] for d in model_config_differences(saved, current, keys=other)})
+        run = build(cfg)
+        state = restore_checked(ckpt, step, run.abstract_state)
+    return run, state, {"trained_step": int(step), "trained_config_differs_in": unchecked}
+
+
+def ours_setup(cfg, ids, trained_workdir: str | None = None):
+    """(mesh, model, optimizer, state, the compiled train step, batch, info) of our side: at initialisation, or with
+    `trained_workdir` the state of its latest checkpoint (restore_trained; info: its step and the config settings
+    in which it differs, unchecked)."""
     import jax
     import numpy as np
 
@@ -199,15 +274,78 @@ def ours_setup(cfg, ids):
     from abstractinator_jax.model import AbstractinatorPyramid
     from abstractinator_jax.sharding import make_mesh
 
-    mesh = make_mesh(cfg.mesh)
-    model = AbstractinatorPyramid(cfg)
-    opt = train_state.make_optimizer(cfg)
-    state, shardings = train_state.create_train_state(cfg, model, mesh, opt)
+    info = {}
+    if trained_workdir:
+        run, state, info = restore_trained(cfg, trained_workdir)
+        mesh, model, opt, shardings = run.mesh, run.model, run.optimizer, run.shardings
+    else:
+        mesh = make_mesh(cfg.mesh)
+        model = AbstractinatorPyramid(cfg)
+        opt = train_state.make_optimizer(cfg)
+        state, shardings = train_state.create_train_state(cfg, model, mesh, opt)
     step = steps.make_train_step(cfg, model, mesh, opt, shardings)
     batch = {"ids": ids[None], "mask": np.zeros_like(ids, bool)[None]}
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
-    return mesh, model, opt, state, compiled, batch
+    return mesh, model, opt, state, compiled, batch, info
+
+
+def ours_segmentation(model, state, ids, mesh) -> tuple:
+    """(patch_end_mask (B, S) bool: True on the last byte of each segment, {real_bytes, segments, bytes_per_segment,
+    overflow_rows}) of our level 0 on the batch, with `state`'s parameters and quantizer state (compress_all, no
+    state update)."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+
+    from abstractinator_jax.generation import model_variables
+    from abstractinator_jax.sharding import LOGICAL_AXIS_RULES
+
+    pad = np.zeros_like(ids, bool)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        seg = jax.jit(lambda v, i, k: model.apply(v, i, k, method=model.compress_all)[0].segments)(
+            model_variables(state), ids, pad
+        )
+    real, segments = int((~pad).sum()), int(np.sum(seg.num_segments))
+    stats = {"real_bytes": real, "segments": segments, "bytes_per_segment": real / max(segments, 1)}
+    stats["overflow_rows"] = int(np.sum(seg.overflow))  # rows with more segments than slots (the last slot merges)
+    return np.asarray(seg.patch_end_mask), stats
+
+
+def align_segmentation(args, theirs, model, state, mesh, ids, ids_path) -> dict:
+    """Level 0's segmentation of the batch on both sides, before any step; with --segmentation trained, first force
+    the original's to ours (the mask saved beside ids_path and sent to bench/original_side.py), and check that it took.
+    Returns the result's segmentation fields."""
+    import numpy as np
+
+    patch_end, ours = ours_segmentation(model, state, ids, mesh)
+    force = None
+    if args.segmentation == "trained":
+        if not patch_end[:, -1].all():  # ours ends the last segment on the last real byte; real_batch has no PAD
+            sys.exit("error: our segmentation does not end every row's last segment on its last byte (PAD?).")
+        force = os.path.join(os.path.dirname(ids_path), "patch_end_mask.npy")
+        np.save(force, patch_end)
+    original = theirs.ask(cmd="segmentation", ids=ids_path, force=force)
+    if force and not (original["matches_forced"] and original["segments"] == ours["segments"]):
+        sys.exit(f"error: forcing the original's segmentation failed: ours {ours}, the original's {original}.")
+    if args.segmentation == "trained":
+        note = (
+            f"ours: the parameters and quantizer state of {args.trained_workdir} (step {int(state.step)}); the "
+            "original: its own random initialisation (ours cannot be loaded into it), with its level-0 boundaries "
+            "forced to ours for this batch (its entropy model still runs and trains)"
+        )
+    else:
+        note = "both at random initialisation, each cutting where its own untrained entropy model says"
+    return {
+        "segmentation": args.segmentation,
+        "segmentation_note": note,
+        "bytes_per_segment": {
+            "ours": round(ours["bytes_per_segment"], 3),
+            "original": round(original["bytes_per_segment"], 3),
+        },
+        "segments": {"ours": ours["segments"], "original": original["segments"]},
+        "ours_overflow_rows": ours["overflow_rows"],
+    }
 
 
 def run(args) -> dict:
@@ -215,8 +353,9 @@ def run(args) -> dict:
     import numpy as np
 
     cfg, cfg_dict, ids, ids_path = prepare(args)
+    mesh, model, _, state, compiled, batch, info = ours_setup(cfg, ids, args.trained_workdir)
     theirs = OriginalSide(cfg_dict, args.torch_compile, args.threads, args.original_attention)
-    mesh, _, _, state, compiled, batch = ours_setup(cfg, ids)
+    seg = align_segmentation(args, theirs, model, state, mesh, ids, ids_path)
     holder = {}
     with jax.set_mesh(mesh):
         holder["state"], _ = compiled(state, batch)  # donated: keep the new state
@@ -228,6 +367,7 @@ def run(args) -> dict:
                 holder["state"], m = compiled(holder["state"], batch)
                 jax.block_until_ready(m)
                 times.append(time.perf_counter() - t)
+            holder["bytes_per_segment"] = float(m["level0/compression_ratio"])  # at this step's forward
             return times, float(m["loss"])
 
         ours(args.warmup)
@@ -240,6 +380,7 @@ def run(args) -> dict:
             their_t += r["seconds"]
             their_loss = r["loss"][-1]
             all_finite = all_finite and r["finite"]
+    their_last = theirs.ask(cmd="segmentation", ids=ids_path)  # the boundaries its last step's forward used
     theirs.close()
     ours_s, theirs_s = float(np.median(mine_t)), float(np.median(their_t))
     n_bytes = ids.size
@@ -260,7 +401,17 @@ def run(args) -> dict:
         "original_last_loss": round(their_loss, 4),
         "original_losses_finite": bool(all_finite),
         "steps_each": len(mine_t),
+        **seg,
+        "bytes_per_segment_last": {
+            "ours": round(holder["bytes_per_segment"], 3),
+            "original": round(their_last["bytes_per_segment"], 3),
+        },
+        **_trained_fields(args, info),
     }
+
+
+def _trained_fields(args, info: dict) -> dict:
+    return {"trained_workdir": args.trained_workdir, **info} if args.segmentation == "trained" else {}
 
 
 def our_components(cfg, model, opt, state, compiled, batch, mesh, reps: int) -> dict:
@@ -400,8 +551,9 @@ def _parts_note(t: dict) -> tuple[float, str]:
 
 def components(args) -> dict:
     cfg, cfg_dict, ids, ids_path = prepare(args)
+    mesh, model, opt, state, compiled, batch, info = ours_setup(cfg, ids, args.trained_workdir)
     theirs = OriginalSide(cfg_dict, False, args.threads, args.original_attention)
-    mesh, model, opt, state, compiled, batch = ours_setup(cfg, ids)
+    seg = align_segmentation(args, theirs, model, state, mesh, ids, ids_path)
     ours = our_components(cfg, model, opt, state, compiled, batch, mesh, args.reps)
     original = theirs.ask(cmd="components", reps=args.reps, ids=ids_path)
     theirs.close()
@@ -413,6 +565,8 @@ def components(args) -> dict:
         "torch_threads": theirs.info.get("threads"),
         "original_attention": theirs.info.get("attention"),
         "reps": args.reps,
+        **seg,
+        **_trained_fields(args, info),
         "seconds": {
             k: {"ours": round(ours[k], 4), "original": round(original[k], 4), "original_over_ours": 0.0}
             for k in (*PARTS, "forward_backward", "step")
@@ -464,6 +618,14 @@ def main():
         "fallback: its own dense path, wrong masks at e38a88d, timing only",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--segmentation",
+        choices=("init", "trained"),
+        default="init",
+        help="init: both sides at random initialisation, each with its own segmentation; trained: ours restored from "
+        "--trained_workdir, the original (its own init) forced to our level-0 segmentation of the batch",
+    )
+    ap.add_argument("--trained_workdir", help="--segmentation trained: a train.py run of this config (read only)")
     ap.add_argument("--components", action="store_true", help="per-component forward+backward times of both sides")
     ap.add_argument("--reps", type=int, default=5, help="--components: timed repetitions per part (median)")
     ap.add_argument("--check", action="store_true", help="check the original's exact attention modes (PASS/FAIL)")
@@ -476,6 +638,8 @@ def main():
         sys.exit("error: pass --config (or --setup).")
     if args.check:
         sys.exit(check(args))
+    if (args.segmentation == "trained") != bool(args.trained_workdir):
+        sys.exit("error: --segmentation trained needs --trained_workdir, and --trained_workdir needs it.")
     if args.components and args.torch_compile:
         sys.exit("error: --components runs the original eagerly (its top transformer's own @torch.compile aside).")
     print(json.dumps(components(args) if args.components else run(args)))
