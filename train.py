@@ -76,6 +76,8 @@ def main(argv):
     print(f"done: step {result['step']}, workdir {workdir}")
     for k in (
         "bits_per_byte",
+        "entropy/bits_per_byte",
+        "entropy/loss",
         "level0/recon_bits_per_token_given_codes",
         "level0/entropy_model_bits_per_byte",
         "level0/recon_accuracy",

@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from . import axes
 from .codes import CodeCodec
-from .compressor import CompressorOutput, SegmentCompressor
+from .compressor import CompressorOutput, EntropyOut, SegmentCompressor
 from .config import EOS_ID
 from .expander import Expander
 from .layers import constrain, dense, kernel_init
@@ -72,6 +72,10 @@ class AbstractinatorLevel(nn.Module):
             if self.lo_D != self.cfg.D:
                 x = self.in_proj(x)
         return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+    def entropy_model(self, ids, key_pad, stop_target_gradient: bool = False) -> EntropyOut:
+        """Level 0's entropy model alone (stage 0): the embedding, the shared stack and the entropy branch."""
+        return self.compressor.entropy_model(self.embed(ids), ids, key_pad, stop_target_gradient)
 
     def compress(self, ids, key_pad, train: bool = False, inputs=None) -> CompressorOutput:
         return self.compressor(self.embed(ids, inputs), ids, key_pad, train)

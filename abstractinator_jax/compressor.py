@@ -95,7 +95,8 @@ class LogitEntropyModel(nn.Module):
         logits = self.head(self.norm(h)).astype(jnp.float32)
         return logits if cache is None else (logits, caches)
 
-    def __call__(self, x, ids, key_pad, positions) -> EntropyOut:
+    def __call__(self, x, ids, key_pad, positions, stop_target_gradient: bool = False) -> EntropyOut:
+        del stop_target_gradient  # the targets are ids
         logits = self.predict(x, key_pad, positions)
         bits = jnp.pad(logit_bits(logits[:, :-1]), ((0, 0), (1, 0)))  # predictions for tokens 1..S-1
         loss = masked_mean(token_nll(logits[:, :-1], ids[:, 1:]), ~key_pad[:, 1:])
@@ -125,9 +126,12 @@ class GaussianEntropyModel(nn.Module):
         logvar = jnp.clip(self.logvar(h).astype(jnp.float32), -8.0, 8.0)
         return (mu, logvar) if cache is None else ((mu, logvar), caches)
 
-    def __call__(self, x, ids, key_pad, positions) -> EntropyOut:
+    def __call__(self, x, ids, key_pad, positions, stop_target_gradient: bool = False) -> EntropyOut:
+        """`stop_target_gradient`: no gradient into the targets x (stage 0, where nothing else trains the vectors x:
+        through its targets the loss could fall by shrinking them, a collapse; see docs/ARCHITECTURE.md 7)."""
         mu, logvar = self.predict(x, key_pad, positions)
-        bpd = gaussian_bits(x[:, 1:], mu[:, :-1], logvar[:, :-1])  # (B, S-1)
+        target = jax.lax.stop_gradient(x) if stop_target_gradient else x
+        bpd = gaussian_bits(target[:, 1:], mu[:, :-1], logvar[:, :-1])  # (B, S-1)
         bits = jnp.pad(bpd, ((0, 0), (1, 0)))
         loss = masked_mean(bpd, ~key_pad[:, 1:])
         return EntropyOut(bits=bits, loss=loss)
@@ -220,6 +224,23 @@ class SegmentCompressor(nn.Module):
     def compression_stack(self, x, key_pad, positions, cache=None):
         return run_stack(self.compression, x, key_pad, positions, cache=cache)
 
+    def entropy_model(self, x, ids, key_pad, stop_target_gradient: bool = False) -> EntropyOut:
+        """The shared stack and the entropy branch alone (stage 0): x (B, S, D) input embeddings -> EntropyOut."""
+        positions = jnp.arange(x.shape[1])
+        h = self.shared_stack(x, key_pad, positions)
+        return self.entropy(h, ids, key_pad, positions, stop_target_gradient)
+
+    def segment(self, ent: EntropyOut, key_pad) -> Segments:
+        """Segmentation (ARCHITECTURE 3.2 step 3) of the entropy model's bits."""
+        cfg = self.cfg
+        return entropy_segments(
+            ent.bits,
+            key_pad,
+            delta=cfg.c_entropy_delta,
+            abs_threshold=cfg.c_entropy_abs_threshold,
+            max_segments=self.max_segments,
+        )
+
     def quantize(self, pooled, valid):
         """(quantized (B, Q, D), codes (B, Q)) without any state update; codes are -1 without a quantizer."""
         if self.cfg.c_vq_K > 0:
@@ -236,13 +257,7 @@ class SegmentCompressor(nn.Module):
         positions = jnp.arange(s)
         x = self.shared_stack(x, key_pad, positions)
         ent = self.entropy(x, ids, key_pad, positions)
-        seg = entropy_segments(
-            ent.bits,
-            key_pad,
-            delta=cfg.c_entropy_delta,
-            abs_threshold=cfg.c_entropy_abs_threshold,
-            max_segments=self.max_segments,
-        )
+        seg = self.segment(ent, key_pad)
         h = self.compression_stack(x, key_pad, positions)
         pooled, valid = self.pooler(h, seg, key_pad)
         pooled = constrain(pooled, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))

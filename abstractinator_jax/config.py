@@ -100,6 +100,34 @@ def num_compression_layers(lv: ConfigDict) -> int:
     return lv.c_num_encoder_layers if n is None else n
 
 
+# Level-0 settings that define the entropy model a stage-0 run trains (the embedding, the shared blocks and the entropy
+# branch, with its window): stage 1 starts from a stage-0 run only when they are this config's. Segmentation settings
+# (c_entropy_delta, c_entropy_abs_threshold) may differ; they do not change the model.
+ENTROPY_MODEL_KEYS = (
+    "vocab_size",
+    "D",
+    "attention_type",
+    "ffn_mult",
+    "c_heads",
+    "c_window",
+    "c_num_shared_encoder_layers",
+    "c_num_lm_encoder_layers",
+    "c_entropy_model",
+)
+_MLA_KEYS = ("c_head_dim", "c_kv_comp_dim", "c_q_comp_dim", "c_retr_dim")
+
+
+def entropy_model_settings(lv: Mapping[str, Any]) -> dict:
+    """A level's ENTROPY_MODEL_KEYS (a plain config dict, e.g. a checkpoint's): the entropy branch's resolved depth
+    (c_num_lm_encoder_layers, or c_num_encoder_layers when None) and, for latent attention, its sizes."""
+    out = {k: lv.get(k, "<missing>") for k in ENTROPY_MODEL_KEYS}
+    if out["c_num_lm_encoder_layers"] is None:
+        out["c_num_lm_encoder_layers"] = lv.get("c_num_encoder_layers", "<missing>")
+    if out["attention_type"] == "mla":
+        out.update({k: lv.get(k, "<missing>") for k in _MLA_KEYS})
+    return out
+
+
 def top_transformer_defaults() -> ConfigDict:
     """The top transformer (the reference's TopTransformerConfig)."""
     c = ConfigDict()
@@ -160,8 +188,17 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.run_name = "abstractinator"
     c.seed = 0
+    # 0: level 0's entropy model alone (its embedding, shared blocks and entropy branch; a byte LM for 'logit');
+    # 1: the pyramid (and the top when use_top_code_lm); 2: the top transformer on a frozen stage-1 pyramid.
     c.stage = 1
+    # Stage 1: a stage-0 run to start level 0's entropy model from (optional); stage 2: the stage-1 run (required).
+    # A workdir (its latest step), its checkpoints/ directory or one checkpoints/<step> directory.
     c.init_from = ""
+    # Stage 1 with init_from (a stage-0 run): keep everything the stage-0 run trained (level 0's embedding, shared
+    # blocks and entropy branch) frozen for the whole run: no gradient, no optimizer state. The embedding and the
+    # shared blocks also feed the compression branch, so they are frozen for it too, and segmentation stays exactly
+    # the stage-0 model's. False: those parameters start from stage 0 and train with the rest.
+    c.freeze_entropy_model = False
     c.num_levels = 1
     c.levels = [level_defaults()]
     c.use_top_code_lm = False
@@ -247,14 +284,14 @@ REMOVED_KEYS = {
 }
 
 # Keys added since checkpoints were first saved, with the value that reproduces the model those checkpoints hold.
-ADDED_KEYS = {"top_transformer_config": {"attention_type": "mha"}}
+ADDED_KEYS = {"": {"freeze_entropy_model": False}, "top_transformer_config": {"attention_type": "mha"}}
 
 
 def upgrade_saved_config(saved: Mapping[str, Any]) -> tuple[dict, list[str]]:
     """A checkpoint's saved config dict in this version's schema: removed keys dropped (none changed the model),
     added keys filled in with the value the checkpoint's model was built with (e.g. standard attention for the top
     transformer of a checkpoint saved before it had `attention_type`). Returns (config dict, dropped key paths)."""
-    out = {k: v for k, v in saved.items() if k not in REMOVED_KEYS[""]}
+    out = {**ADDED_KEYS[""], **{k: v for k, v in saved.items() if k not in REMOVED_KEYS[""]}}
     dropped = [k for k in saved if k in REMOVED_KEYS[""]]
     if isinstance(out.get("levels"), list):
         out["levels"] = [
@@ -404,6 +441,34 @@ def _check_level(i: int, lv: ConfigDict) -> list[str]:
     return p
 
 
+def _check_stage0(cfg: ConfigDict) -> list[str]:
+    """Stage 0 (level 0's entropy model alone) and `freeze_entropy_model` (stage 1 from a stage-0 run)."""
+    p = []
+    if cfg.stage == 0:
+        if cfg.use_top_code_lm:
+            p.append(
+                "stage=0 trains only level 0's entropy model (no pyramid, no top transformer): set "
+                "use_top_code_lm=False (the top trains in stage 1 or 2)."
+            )
+        if cfg.init_from:
+            p.append(
+                f"init_from={cfg.init_from!r}: stage=0 trains the entropy model from scratch; init_from is read by "
+                "stage 1 (a stage-0 run) and stage 2 (a stage-1 run)."
+            )
+        if _is_dict(cfg.levels[0]) and not cfg.levels[0].w_byte_lm_ce > 0:
+            p.append(
+                f"stage=0 trains level 0's entropy model by its loss alone: levels[0].w_byte_lm_ce="
+                f"{cfg.levels[0].w_byte_lm_ce} must be > 0."
+            )
+    if cfg.freeze_entropy_model and not (cfg.stage == 1 and cfg.init_from):
+        p.append(
+            f"freeze_entropy_model=True (stage={cfg.stage}{', no init_from' if not cfg.init_from else ''}) keeps a "
+            "stage-0 entropy model frozen in stage 1: it needs stage=1 and --config.init_from=<stage-0 run>; "
+            "otherwise leave it False."
+        )
+    return p
+
+
 def clamp_segment_slots(cfg: ConfigDict) -> list[str]:
     """Lower each level's segment slots (c_output_length // c_num_queries) to the rows it can have: level 0 has at
     most sequence_length segments, level k at most the slots of level k-1. Every extra slot would be wasted compute,
@@ -443,8 +508,9 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
             problems.append(f"data.source={cfg.data.source!r}; choose one of {_ENUMS['source']}.")
         if cfg.data.source in ("text", "jsonl", "parquet") and not cfg.data.path:
             problems.append(f"data.source={cfg.data.source!r} needs data.path (e.g. --config.data.path=corpus.txt).")
-        if cfg.stage not in (1, 2):
-            problems.append(f"stage={cfg.stage}; choose 1 (pyramid) or 2 (top transformer).")
+        if cfg.stage not in (0, 1, 2):
+            problems.append(f"stage={cfg.stage}; choose 0 (entropy model), 1 (pyramid) or 2 (top transformer).")
+        problems += _check_stage0(cfg)
         if cfg.stage == 2 and not cfg.init_from:
             problems.append(
                 "stage=2 trains the top transformer on a frozen stage-1 pyramid and needs init_from: "
@@ -559,7 +625,7 @@ def _merge(dst: ConfigDict, src: Mapping[str, Any]) -> None:
 
 
 # Config keys that define the model's parameters: a checkpoint must agree on these to be resumed.
-MODEL_KEYS = ("stage", "num_levels", "levels", "use_top_code_lm", "top_transformer_config")
+MODEL_KEYS = ("stage", "num_levels", "levels", "use_top_code_lm", "top_transformer_config", "freeze_entropy_model")
 # Keys inside those sections that only steer generation: they may differ (or be missing from older checkpoints).
 GENERATION_PREFIX = "gen_"
 

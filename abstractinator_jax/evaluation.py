@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from ml_collections import ConfigDict
@@ -76,6 +77,12 @@ def shared_sample_row(eval_batches, seq_len: int):
 
 
 def segment_outputs(model, params, model_state, ids, pad):
+    """Level 0's (segment ends (B, S), codes (B, Q), valid slots (B, Q)); a stage-0 model has only its entropy
+    model: its segment ends, and no codes (Q = 0)."""
+    if model.config.stage == 0:
+        seg = model.apply({"params": params, **model_state}, ids, pad, method=model.level0_segments)
+        none = jnp.zeros((ids.shape[0], 0), jnp.int32)
+        return seg.patch_end_mask, none - 1, none.astype(bool)
     comp = model.apply({"params": params, **model_state}, ids, pad, method=model.compress_all)[0]
     return comp.segments.patch_end_mask, comp.codes, comp.valid_mask
 

@@ -65,6 +65,7 @@ from .config import BOS_ID, EOS_ID, PAD_ID
 from .expander import shift_right
 from .segmentation import entropy_segments, segment_softmax_pool
 from .sharding import batch_divisor, batch_sharding, replicated
+from .train_state import merge_params
 
 STOP_RUNNING, STOP_EOS, STOP_MAX_BYTES = 0, 1, 2
 STOP_REASONS = {STOP_RUNNING: "running", STOP_EOS: "eos", STOP_MAX_BYTES: "max_bytes"}
@@ -828,7 +829,7 @@ def generate_text(
 
 def model_variables(state) -> dict:
     """The variables a TrainState's model is applied with: every parameter (trained and frozen) and its state."""
-    return {"params": {**state.frozen_params, **state.params}, **state.model_state}
+    return {"params": merge_params(state.frozen_params, state.params), **state.model_state}
 
 
 TRAINING_SAMPLING = dict(temperature=0.8, top_p=0.95)  # the settings of training's samples/generated text

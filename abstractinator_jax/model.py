@@ -1,7 +1,8 @@
 """The model entry point (docs/ARCHITECTURE.md 4, 5, 7): `AbstractinatorPyramid` stacks the levels (each level reads
 the quantized vectors and code ids of the one below), adds the optional top transformer, and runs stage 1 (train
-the levels, and the top when `use_top_code_lm`) or stage 2 (the levels as a frozen compressor, only the top
-learns). Also the choice of attention implementation for the device at hand."""
+the levels, and the top when `use_top_code_lm`), stage 2 (the levels as a frozen compressor, only the top
+learns) or stage 0 (level 0's entropy model alone). Also the choice of attention implementation for the device at
+hand."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from .abstractinator import AbstractinatorLevel
-from .compressor import CompressorOutput
-from .scoring import LevelParts, ScoreParts, TopParts
+from .compressor import CompressorOutput, EntropyOut
+from .scoring import LN2, LevelParts, ScoreParts, TopParts, entropy_byte_nats
+from .segmentation import Segments
 from .top import CodeSequenceTransformer
 
 
@@ -34,7 +36,8 @@ class AbstractinatorPyramid(nn.Module):
 
     Level k+1 reads level k's quantized vectors with `~valid_mask` as its padding mask and reconstructs level k's
     code ids through level k's codebooks. Stage 1 trains the levels (and the top transformer too when
-    `use_top_code_lm`); stage 2 runs the levels as fixed compressors and trains only the top transformer.
+    `use_top_code_lm`); stage 2 runs the levels as fixed compressors and trains only the top transformer. Stage 0
+    builds and runs only level 0's entropy model (its embedding, shared blocks and entropy branch): `entropy_loss`.
     """
 
     config: ConfigDict  # the full run config (levels, top_transformer_config, dtype, stage, ...)
@@ -67,6 +70,8 @@ class AbstractinatorPyramid(nn.Module):
     def __call__(self, ids, key_pad, train: bool = False) -> tuple[jax.Array, dict]:
         """`train=True` with mutable=['vq_state'] and an rng stream 'vq' updates quantizer state (EMA, resets)."""
         cfg = self.config
+        if cfg.stage == 0:
+            return self.entropy_loss(ids, key_pad)
         if cfg.stage == 2:
             if self.is_initializing():  # create every level parameter (expanders too): stage 1's exact tree
                 self._levels(ids, key_pad, False)
@@ -78,6 +83,29 @@ class AbstractinatorPyramid(nn.Module):
             metrics.update({f"top/{k}": v for k, v in top_metrics.items()})
         metrics["loss"] = total
         return total, metrics
+
+    def entropy_loss(self, ids, key_pad) -> tuple[jax.Array, dict]:
+        """Stage 0: level 0's entropy loss weighted as in stage 1 (`w_byte_lm_ce * entropy loss`) and its metrics:
+        `entropy/loss` (the unweighted loss: nats per real target t >= 1 for 'logit', bits per dimension for
+        'gaussian') and, for 'logit', `entropy/bits_per_byte` (the mean -log2 p over the real byte targets only:
+        scoring.entropy_byte_nats). Nothing but the embedding, the shared blocks and the entropy branch is computed
+        (or created at init). The gaussian model's targets get no gradient here (see GaussianEntropyModel)."""
+        ent = self.levels[0].entropy_model(ids, key_pad, stop_target_gradient=True)
+        loss = self.config.levels[0].w_byte_lm_ce * ent.loss
+        metrics = {"loss": loss, "entropy/loss": ent.loss}
+        if ent.logits is not None:
+            nats, n = entropy_byte_nats(ent.logits, ids, key_pad)
+            metrics["entropy/bits_per_byte"] = nats / jnp.maximum(n, 1.0) / LN2
+        return loss, metrics
+
+    def level0_entropy(self, ids, key_pad) -> EntropyOut:
+        """Level 0's entropy model on rows (B, S) (its bits, loss and, for 'logit', logits): stage 0's scoring."""
+        return self.levels[0].entropy_model(ids, key_pad)
+
+    def level0_segments(self, ids, key_pad) -> Segments:
+        """Level 0's segmentation from its entropy model alone (what a stage-0 run would cut)."""
+        level = self.levels[0]
+        return level.compressor.segment(level.entropy_model(ids, key_pad), key_pad)
 
     def _levels(self, ids, key_pad, train):
         """All levels' losses (summed), metrics, and the top level's compressor output."""

@@ -156,19 +156,31 @@ def row_bits(cfg: ConfigDict, parts: ScoreParts) -> RowBits:
         first = jnp.any(tp.valid, axis=1).astype(jnp.float32) * first_code_bits(lv.c_vq_K, lv.c_vq_depth)
         top = first + jnp.sum(jnp.where(pairs, nats, 0.0), axis=1) / LN2
     total = None if top is None else top + sum(recon) + sum(boundary)
-    return RowBits(recon=recon, boundary=boundary, top=top, total=total, entropy_model=_entropy_model_bits(parts))
+    lm = entropy_model_bits(parts.levels[0].ids, parts.levels[0].pad, parts.levels[0].entropy)
+    return RowBits(recon=recon, boundary=boundary, top=top, total=total, entropy_model=lm)
 
 
-def _entropy_model_bits(parts: ScoreParts) -> jax.Array | None:
-    """Level 0's logit entropy model as a causal byte LM: -log2 p(x_t | x_<t) of every real token after BOS; a later
-    row of a long document has no prediction for its first token, which costs log2(257) (a byte or EOS)."""
-    lp = parts.levels[0]
-    if lp.entropy.logits is None:
+def entropy_model_bits(ids: jax.Array, pad: jax.Array, ent: EntropyOut) -> jax.Array | None:
+    """Level 0's logit entropy model as a causal byte LM, per row (B,): -log2 p(x_t | x_<t) of every real token
+    after BOS; a later row of a long document has no prediction for its first token, which costs log2(257) (a byte or
+    EOS). None for the gaussian model."""
+    if ent.logits is None:
         return None
-    real = ~lp.pad
-    nll = token_nll(lp.entropy.logits[:, :-1], lp.ids[:, 1:])  # (B, S-1) nats of tokens 1..S-1
-    first = (real[:, 0] & (lp.ids[:, 0] != BOS_ID)).astype(jnp.float32) * math.log2(FIRST_TOKEN_SYMBOLS)
+    real = ~pad
+    nll = token_nll(ent.logits[:, :-1], ids[:, 1:])  # (B, S-1) nats of tokens 1..S-1
+    first = (real[:, 0] & (ids[:, 0] != BOS_ID)).astype(jnp.float32) * math.log2(FIRST_TOKEN_SYMBOLS)
     return first + jnp.sum(jnp.where(real[:, 1:], nll, 0.0), axis=1) / LN2
+
+
+def entropy_byte_nats(logits: jax.Array, ids: jax.Array, pad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the summed -ln p of the real byte targets, their count) under a logit entropy model: the targets are the
+    tokens t >= 1 (each predicted at t-1) that are bytes (id < 256); EOS, BOS and PAD targets are not bytes and are
+    left out, as is a row's first token (nothing predicts it). Their ratio / ln 2 is stage 0's
+    `entropy/bits_per_byte`."""
+    targets = ids[:, 1:]
+    is_byte = ~pad[:, 1:] & (targets < 256)
+    nll = token_nll(logits[:, :-1], targets)
+    return _sum(jnp.where(is_byte, nll, 0.0)), _sum(is_byte)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -184,15 +196,8 @@ def batch_totals(cfg: ConfigDict, parts: ScoreParts) -> tuple[dict[str, Metric],
     """The batch's totals of every evaluation figure (metrics.py), and its rows' code lengths."""
     rb = row_bits(cfg, parts)
     lp0 = parts.levels[0]
-    real0 = ~lp0.pad
-    is_byte = real0 & (lp0.ids < 256)
-    is_eos = real0 & (lp0.ids == EOS_ID)
-    n_bytes, n_rows = _sum(is_byte), _sum(jnp.any(real0, axis=1))
-    out: dict[str, Metric] = {
-        "data/rows": Count(n_rows),
-        "data/bytes": Count(n_bytes),
-        "data/documents": Count(_sum(is_eos)),
-    }
+    out = _data_totals(lp0.ids, lp0.pad)
+    n_bytes, n_rows = out["data/bytes"].total, out["data/rows"].total
     if rb.total is not None:
         out["bits_per_byte"] = Ratio(_sum(rb.total), n_bytes)
     if rb.top is not None:
@@ -258,10 +263,44 @@ def _top_totals(tp: TopParts) -> dict[str, Metric]:
     }
 
 
+def _data_totals(ids: jax.Array, pad: jax.Array) -> dict[str, Metric]:
+    real = ~pad
+    return {
+        "data/rows": Count(_sum(jnp.any(real, axis=1))),
+        "data/bytes": Count(_sum(real & (ids < 256))),
+        "data/documents": Count(_sum(real & (ids == EOS_ID))),
+    }
+
+
+def entropy_totals(ids: jax.Array, pad: jax.Array, ent: EntropyOut) -> tuple[dict[str, Metric], RowBits]:
+    """A stage-0 run's figures (level 0's entropy model alone): `entropy/loss` (the training loss, unweighted: nats
+    per real target t >= 1 for 'logit', bits per dimension for 'gaussian'), for 'logit' `entropy/bits_per_byte`
+    (`entropy_byte_nats`) and `level0/entropy_model_bits_per_byte` (the byte-LM code length per byte, as a stage-1
+    run reports it), for 'gaussian' `level0/entropy_model_bits_per_dim` (as stage 1); the rows' byte-LM bits."""
+    out = _data_totals(ids, pad)
+    targets = ~pad[:, 1:]
+    lm_bits = entropy_model_bits(ids, pad, ent)
+    if ent.logits is not None:
+        nll = token_nll(ent.logits[:, :-1], ids[:, 1:])
+        out["entropy/loss"] = Ratio(_sum(jnp.where(targets, nll, 0.0)), _sum(targets))
+        nats, n = entropy_byte_nats(ent.logits, ids, pad)
+        out["entropy/bits_per_byte"] = Ratio(nats / LN2, n)
+        out["level0/entropy_model_bits_per_byte"] = Ratio(_sum(lm_bits), out["data/bytes"].total)
+    else:
+        surprisal = _sum(jnp.where(targets, ent.bits[:, 1:], 0.0))
+        out["entropy/loss"] = Ratio(surprisal, _sum(targets))
+        out["level0/entropy_model_bits_per_dim"] = Ratio(surprisal, _sum(targets))
+    return out, RowBits(recon=[], boundary=[], top=None, total=None, entropy_model=lm_bits)
+
+
 def score_batch(model, variables: dict, ids: jax.Array, key_pad: jax.Array) -> tuple[dict[str, Metric], RowBits]:
     """Run the model's scoring forward (`AbstractinatorPyramid.score`, no state update) on rows (B, S) and return
-    the batch's totals and its rows' code lengths. Under jit with a sharded batch the sums cover the global batch."""
+    the batch's totals and its rows' code lengths. Under jit with a sharded batch the sums cover the global batch.
+    A stage-0 model has only level 0's entropy model: its figures are `entropy_totals`."""
     chex.assert_rank([ids, key_pad], 2)
+    if model.config.stage == 0:
+        ent = model.apply(variables, ids, key_pad, method=type(model).level0_entropy)
+        return entropy_totals(ids, key_pad, ent)
     parts = model.apply(variables, ids, key_pad, method=type(model).score)
     return batch_totals(model.config, parts)
 
@@ -274,6 +313,16 @@ def score_batch(model, variables: dict, ids: jax.Array, key_pad: jax.Array) -> t
 def describe(cfg: ConfigDict) -> dict:
     """`bits_per_byte_note` (one line: what the total is, or why there is none) and `bits_per_byte_parts` (each
     reported part of the code length and whether a decoder can follow it)."""
+    if cfg.stage == 0:
+        figures = "entropy/loss and level0/entropy_model_bits_per_dim (bits per dimension of the next embedding)"
+        if cfg.levels[0].c_entropy_model == "logit":
+            figures = (
+                "entropy/loss (nats per real target), entropy/bits_per_byte (-log2 p of the real byte targets, EOS "
+                "and a row's first token left out) and level0/entropy_model_bits_per_byte (the byte LM's code length "
+                "per byte, EOS coded, as stage 1 reports it)"
+            )
+        note = f"null: a stage-0 run trains only level 0's entropy model; its figures are {figures}"
+        return {"bits_per_byte_note": note, "bits_per_byte_parts": {}}
     parts = {}
     if cfg.use_top_code_lm and not cfg.top_transformer_config.continuous:
         parts["top/code_bits_per_byte"] = (

@@ -16,13 +16,13 @@ from ml_collections import ConfigDict
 from .guard import apply_guard
 from .scoring import score_batch
 from .sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
-from .train_state import TrainState, learning_rate_schedule
+from .train_state import TrainState, learning_rate_schedule, merge_params
 
 
 def _loss_fn(model, params, model_state, ids, pad, rng=None, train: bool = False, frozen=None):
     """(loss, (metrics, new_model_state)). With train=True the model's mutable state collections are updated.
     `frozen` parameters take part in the forward pass but get no gradient."""
-    variables = {"params": {**(frozen or {}), **params}, **model_state}
+    variables = {"params": merge_params(frozen or {}, params), **model_state}
     if train and model_state:
         (loss, metrics), new_state = model.apply(
             variables, ids, pad, train=True, rngs={"vq": rng}, mutable=list(model_state)
@@ -42,7 +42,8 @@ def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, sh
 
     def step(state: TrainState, batch):
         with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            # stage 2 keeps the pyramid fixed: no gradient, and no EMA / reset updates of its quantizers
+            # stage 2 keeps the pyramid fixed: no gradient, and no EMA / reset updates of its quantizers (stage 0 has
+            # no quantizer)
             update_state = cfg.stage == 1
             grad_fn = jax.value_and_grad(
                 functools.partial(_loss_fn, model, train=update_state, frozen=state.frozen_params), has_aux=True
@@ -101,6 +102,6 @@ def make_eval_step(model: nn.Module, mesh: Mesh, shardings: TrainState) -> Calla
     b2 = batch_sharding(mesh, 2, 0)
     return jax.jit(
         step,
-        in_shardings=({**shardings.frozen_params, **shardings.params}, shardings.model_state, b2, b2),
+        in_shardings=(merge_params(shardings.frozen_params, shardings.params), shardings.model_state, b2, b2),
         out_shardings=replicated(mesh),
     )

@@ -14,7 +14,7 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from . import data as data_lib
-from .build import build, check_checkpoint_config, check_init_from, load_stage1
+from .build import build, check_checkpoint_config, check_init_from, load_stage0, load_stage1
 from .checkpointing import CheckpointManager
 from .config import to_dict, validate_config
 from .data import resolve_data_config
@@ -84,10 +84,13 @@ def train(
     ckpt = CheckpointManager(workdir, max_to_keep=cfg.max_checkpoints_to_keep)
     latest = ckpt.latest_step()
     if latest is None:
-        init_from = check_init_from(cfg) if cfg.stage == 2 else None  # before any compile: fail fast
+        # a new run (a resumed one reads only its own checkpoint): check init_from before any compile, fail fast
+        init_from = check_init_from(cfg) if cfg.init_from else None
         state, _ = create_train_state(cfg, model, mesh, optimizer)
-        if init_from is not None:
+        if init_from is not None and cfg.stage == 2:
             state = load_stage1(init_from, run, state)
+        elif init_from is not None:
+            state = load_stage0(init_from, cfg, run, state)
     else:
         state = resume_intact(ckpt, run, cfg, train_it, lambda c, s: check_checkpoint_config(c, s, cfg, workdir))
         log.info("Resumed from %s at step %d", ckpt.directory, int(state.step))
@@ -143,6 +146,8 @@ def train(
                             "acc": "level0/recon_accuracy",
                             "top": "top/top_mse" if "top/top_mse" in scalars else "top/top_ce",
                             "ratio": "level0/compression_ratio",
+                            "entropy": "entropy/loss",
+                            "bpb": "entropy/bits_per_byte",
                             "Bps": "throughput/bytes_per_s",
                         }
                         progress.set_postfix({k: f"{scalars[t]:.4g}" for k, t in shown.items() if t in scalars})

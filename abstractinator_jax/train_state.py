@@ -22,19 +22,71 @@ class TrainState:
     opt_state: optax.OptState
     model_state: dict  # non-parameter variable collections (e.g. the quantizer's EMA state); empty without one
     rng: jax.Array  # (2,) uint32 raw PRNG key data (checkpoint-friendly)
-    frozen_params: dict  # parameters that are used but not trained (stage 2: the pyramid); {} in stage 1
+    # parameters that are used but not trained: stage 2, the pyramid; stage 1 with freeze_entropy_model, the stage-0
+    # entropy model (`split_entropy_model`); else {}. The same nesting as params (`merge_params` joins them).
+    frozen_params: dict
     guard: dict = struct.field(default_factory=dict)  # the step guard's counters (guard.init_guard_state)
 
 
+def is_entropy_model_path(path: tuple[str, ...]) -> bool:
+    """Whether a parameter path (or the subtree at it) belongs to level 0's entropy model as stage 0 trains it: the
+    embedding (level_0/embedding), the shared blocks (level_0/compressor/shared_<i>) and the entropy branch
+    (level_0/compressor/entropy: its blocks and head)."""
+    if path[:2] == ("level_0", "embedding"):
+        return True
+    return len(path) >= 3 and path[:2] == ("level_0", "compressor") and (path[2] == "entropy" or _is_shared(path[2]))
+
+
+def _is_shared(name: str) -> bool:
+    return name.startswith("shared_") and name[len("shared_") :].isdigit()
+
+
+def split_entropy_model(tree: dict) -> tuple[dict, dict]:
+    """(level 0's entropy model, the rest) of a parameter tree (or of anything nested like it: shardings, templates),
+    as two nested dicts without empty branches. A stage-0 run's params are exactly the first part."""
+
+    def go(node, path):
+        picked, rest = {}, {}
+        for k, v in node.items():
+            p = (*path, k)
+            if is_entropy_model_path(p):
+                picked[k] = v
+            elif isinstance(v, dict):
+                a, b = go(v, p)
+                if a:
+                    picked[k] = a
+                if b:
+                    rest[k] = b
+            else:
+                rest[k] = v
+        return picked, rest
+
+    return go(tree, ())
+
+
+def merge_params(*trees: dict) -> dict:
+    """Nested dicts joined key by key (later trees win on a leaf): e.g. frozen and trainable parameters, which may
+    share branches (stage 1 with a frozen entropy model: both hold part of level_0/compressor)."""
+    out: dict = {}
+    for tree in trees:
+        for k, v in tree.items():
+            out[k] = merge_params(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def split_trainable(cfg: ConfigDict, params: dict) -> tuple[dict, dict]:
-    """(trainable, frozen) parameter subtrees: stage 1 trains everything; stage 2 only the top transformer."""
+    """(trainable, frozen) parameter subtrees: stage 0 and 1 train everything, except stage 1's stage-0 entropy model
+    with freeze_entropy_model; stage 2 only the top transformer."""
     if cfg.stage == 2:
         return {"top": params["top"]}, {k: v for k, v in params.items() if k != "top"}
+    if cfg.stage == 1 and cfg.freeze_entropy_model:
+        frozen, trainable = split_entropy_model(params)
+        return trainable, frozen
     return dict(params), {}
 
 
 def all_params(state: TrainState) -> dict:
-    return {**state.frozen_params, **state.params}
+    return merge_params(state.frozen_params, state.params)
 
 
 def learning_rate_schedule(cfg: ConfigDict) -> optax.Schedule:
