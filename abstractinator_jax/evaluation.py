@@ -238,6 +238,11 @@ def evaluate_run(
     data = {}
 
     def load_eval_data(cfg):  # data first: a bad path fails before the model is built
+        if report and cfg.stage == 0:
+            raise ConfigError(
+                "--report shows segments, codes and their expansions, which a stage-0 run (level 0's entropy model "
+                "alone) does not have; use --show_segments to see where its entropy model would cut."
+            )
         data["cfg"] = resolve_data_config(cfg.data)
         try:
             data["batches"] = make_eval_batches(cfg, data["cfg"])

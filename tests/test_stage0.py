@@ -177,6 +177,8 @@ def test_stage0_run_logs_evaluates_and_checkpoints(stage0):
     for k in ("entropy/loss", "entropy/bits_per_byte", "level0/entropy_model_bits_per_byte"):
         assert out[k] == pytest.approx(ev[k], rel=1e-6)
     assert len(samples) == 1
+    with pytest.raises(ConfigError, match="stage-0 run"):  # the report needs segments and codes
+        evaluate_run(str(workdir), report=str(workdir / "report.html"))
     # the training sample comes from the logit entropy model; a gaussian one has nothing to sample
     cfg = stage0["cfg"].copy_and_resolve_references()
     cfg.sample_max_bytes = 8
@@ -260,12 +262,11 @@ def test_stage1_from_stage0_trainable_starts_from_it_and_trains_it(stage0, corpu
     picked, rest = split_entropy_model(loaded)
     assert_identical(picked, s0)
     assert_identical(rest, split_entropy_model(fresh)[1])  # everything else freshly initialised
-    step = steps.make_train_step(cfg, run.model, run.mesh, run.optimizer, run.shardings)
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        state, m = step(state, sentence_batch())
-    after = split_entropy_model(host(state.params))[0]
-    assert np.isfinite(float(m["loss"]))
-    assert len(moved(after, s0)) == len(leaves(s0)), "every entropy-model parameter trains"
+    # trainable: the optimizer holds moments for every entropy-model parameter (the frozen test above shows that
+    # the train step moves every parameter it holds; a second stage-1 step program here would double this file's time)
+    moments = [p for p, x in leaves(host(state.opt_state)).items() if np.ndim(x) > 0]
+    for path in leaves(picked):
+        assert sum(m.endswith(".mu" + path) or m.endswith(".nu" + path) for m in moments) == 2, path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
