@@ -1,7 +1,12 @@
 """Test session setup: CPU only, deterministic, and one persistent compilation cache per test run, shared by the
 xdist workers and every subprocess the tests start (train.py, evaluate.py, generate.py, multi-host workers inherit
 it through the environment), so that a program compiled by one test is compiled once for the whole run. The cache
-only skips recompiling an identical program: results are the same with or without it."""
+only skips recompiling an identical program: results are the same with or without it.
+
+The tests' programs are tiny and compiled far more than they run, so XLA is asked for cheap code generation
+(`FAST_COMPILE`: no backend optimisation, no expensive LLVM passes): about a third less CPU time for the suite. The
+flags go into XLA_FLAGS, so subprocesses inherit them (tests/helpers.xla_flags adds a forced device count).
+Benchmarks and training never see these flags."""
 
 from __future__ import annotations
 
@@ -10,6 +15,10 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 # xdist gives every worker of one run the same id; a plain pytest run gets its own directory
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"

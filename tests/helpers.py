@@ -15,6 +15,15 @@ from abstractinator_jax.config import PAD_ID, base_config
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a subprocess: this session's (conftest.py's compile settings) without any forced device count,
+    plus `devices` forced host devices when given."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 def tiny_config(seq_len: int = 64, batch_size: int = 4):
     """A model small enough for CPU tests (one level, D=32)."""
     cfg = base_config()

@@ -18,6 +18,8 @@ from jax.sharding import PartitionSpec as P
 from abstractinator_jax.checkpointing import CheckpointError, CheckpointManager, resolve_init_from
 from abstractinator_jax.config import base_config, from_dict, to_dict
 
+from .helpers import xla_flags
+
 
 def _params(d_in=128):
     k1, k2 = jax.random.split(jax.random.PRNGKey(42))
@@ -118,7 +120,7 @@ def test_restore_onto_another_mesh_layout(tmp_path):
     script = textwrap.dedent(
         f"""
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        os.environ["XLA_FLAGS"] = {xla_flags(devices=4)!r}
         os.environ["JAX_PLATFORMS"] = "cpu"
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -135,7 +137,6 @@ def test_restore_onto_another_mesh_layout(tmp_path):
         """
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .helpers import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent(
@@ -53,7 +55,7 @@ def _free_port() -> int:
 
 
 def _launch(n: int, workdir: Path, corpus: Path) -> list[subprocess.Popen]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "XLA_FLAGS": xla_flags()}
     port = str(_free_port())
     return [
         subprocess.Popen(

@@ -30,7 +30,7 @@ from abstractinator_jax.expander import Expander
 from abstractinator_jax.segmentation import entropy_segments
 from abstractinator_jax.train_state import create_train_state
 
-from .helpers import EVAL_DOCS, tiny_discrete_config
+from .helpers import EVAL_DOCS, tiny_discrete_config, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -322,7 +322,7 @@ _DEVICES_SCRIPT = textwrap.dedent(
 def test_four_devices_give_the_figures_of_one():
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=xla_flags(devices=4),
         JAX_PLATFORMS="cpu",
         # this session's compilation cache (conftest.py) holds the one-device programs of the tests above
         JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),

@@ -15,7 +15,7 @@ import pytest
 from abstractinator_jax import sharding, steps, train_state
 from abstractinator_jax.model import AbstractinatorPyramid
 
-from .helpers import sentence_batch, tiny_config
+from .helpers import sentence_batch, tiny_config, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ _MESH_SCRIPT = textwrap.dedent(
 def test_data_parallel_and_fsdp_steps_match_single_device():
     """4 forced host devices: an fsdp step (each device holding a quarter of every large parameter and of its
     optimizer moments, and a quarter of the batch) equals the 1-device step."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices=4), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", _MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
