@@ -80,6 +80,7 @@ class LogitEntropyModel(nn.Module):
     cfg: ConfigDict
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
 
     def setup(self):
         cfg = self.cfg
@@ -90,7 +91,7 @@ class LogitEntropyModel(nn.Module):
     def predict(self, x, key_pad, positions, cache=None):
         """Next-token logits (B, T, V) float32 at every position (the prediction made at t is for token t+1); with a
         `cache` (blocks.run_stack) also the caches."""
-        out = run_stack(self.blocks, x, key_pad, positions, cache=cache)
+        out = run_stack(self.blocks, x, key_pad, positions, cache=cache, remat=self.remat)
         h, caches = out if cache is not None else (out, None)
         logits = self.head(self.norm(h)).astype(jnp.float32)
         return logits if cache is None else (logits, caches)
@@ -108,6 +109,7 @@ class GaussianEntropyModel(nn.Module):
     cfg: ConfigDict
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
 
     def setup(self):
         cfg = self.cfg
@@ -119,7 +121,7 @@ class GaussianEntropyModel(nn.Module):
     def predict(self, x, key_pad, positions, cache=None):
         """(mu, logvar) (B, T, D) float32 at every position: the Gaussian the model predicts at t for x_{t+1}; with a
         `cache` (blocks.run_stack) also the caches."""
-        out = run_stack(self.blocks, x, key_pad, positions, cache=cache)
+        out = run_stack(self.blocks, x, key_pad, positions, cache=cache, remat=self.remat)
         h, caches = out if cache is not None else (out, None)
         mu = self.mu(h).astype(jnp.float32)
         logvar = jnp.clip(self.logvar(h).astype(jnp.float32), -8.0, 8.0)
@@ -191,6 +193,7 @@ class SegmentCompressor(nn.Module):
     cfg: ConfigDict
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
 
     @property
     def max_segments(self) -> int:
@@ -200,7 +203,7 @@ class SegmentCompressor(nn.Module):
         cfg, impl, dtype = self.cfg, self.implementation, self.dtype
         self.shared = _stack(cfg, cfg.c_num_shared_encoder_layers, cfg.c_window, impl, dtype, "shared")
         model_cls = GaussianEntropyModel if cfg.c_entropy_model == "gaussian" else LogitEntropyModel
-        self.entropy = model_cls(cfg, impl, dtype, name="entropy")
+        self.entropy = model_cls(cfg, impl, dtype, remat=self.remat, name="entropy")
         self.compression = _stack(cfg, num_compression_layers(cfg), cfg.c_window, impl, dtype, "compression")
         self.pooler = LearnedQueryPooling(
             dim=cfg.D,
@@ -215,10 +218,10 @@ class SegmentCompressor(nn.Module):
 
     def shared_stack(self, x, key_pad, positions, cache=None):
         """The shared blocks (identity when there are none); cache as in blocks.run_stack."""
-        return run_stack(self.shared, x, key_pad, positions, cache=cache)
+        return run_stack(self.shared, x, key_pad, positions, cache=cache, remat=self.remat)
 
     def compression_stack(self, x, key_pad, positions, cache=None):
-        return run_stack(self.compression, x, key_pad, positions, cache=cache)
+        return run_stack(self.compression, x, key_pad, positions, cache=cache, remat=self.remat)
 
     def quantize(self, pooled, valid):
         """(quantized (B, Q, D), codes (B, Q)) without any state update; codes are -1 without a quantizer."""

@@ -48,6 +48,7 @@ class CodeSequenceTransformer(nn.Module):
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     code_dim: int = 0  # width of the top quantizer's codebooks (discrete top)
+    remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
 
     def setup(self):
         cfg = self.cfg
@@ -77,7 +78,7 @@ class CodeSequenceTransformer(nn.Module):
         `cache` (blocks.run_stack; one step: rows (B, 1, E), positions (B,)) -> (prediction, caches)."""
         h = self.in_proj(rows.astype(self.dtype))
         positions = jnp.arange(rows.shape[1]) if positions is None else positions
-        out = run_stack(self.blocks, h, ~valid, positions, cache=cache)
+        out = run_stack(self.blocks, h, ~valid, positions, cache=cache, remat=self.remat)
         h, caches = out if cache is not None else (out, None)
         pred = self.out_proj(self.final_norm(h)).astype(jnp.float32)
         return pred if cache is None else (pred, caches)
