@@ -45,6 +45,7 @@ class AbstractinatorLevel(nn.Module):
     lo_code_dim: int | None = None  # width of the lower level's codebooks (its c_vq_d_c, or D)
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # blocks.run_stack: rematerialization of every block stack in training
 
     def setup(self):
         cfg = self.cfg
@@ -59,9 +60,17 @@ class AbstractinatorLevel(nn.Module):
             if self.lo_D != cfg.D:
                 self.in_proj = dense(cfg.D, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="in_proj")
             vocab, start, code_K = None, CodeCodec(self.lo_K, self.lo_depth).eos_id, self.lo_K
-        self.compressor = SegmentCompressor(cfg, self.implementation, self.dtype)
+        self.compressor = SegmentCompressor(cfg, self.implementation, self.dtype, remat=self.remat)
         self.expander = Expander(
-            cfg, vocab, start, code_K, self.lo_depth, self.implementation, self.dtype, code_dim=self.lo_code_dim
+            cfg,
+            vocab,
+            start,
+            code_K,
+            self.lo_depth,
+            self.implementation,
+            self.dtype,
+            code_dim=self.lo_code_dim,
+            remat=self.remat,
         )
 
     def embed(self, ids, inputs=None):

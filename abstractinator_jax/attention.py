@@ -179,8 +179,14 @@ def segment_cross_attention(q, k, v, q_row, row_valid, *, num_rows_visible: int)
     row_valid: (B, R) bool. Cost O(T * num_rows_visible): the visible rows are gathered per query.
     """
     rows_c, visible = visible_rows(q_row, row_valid, num_rows_visible)
-    gather = jax.vmap(lambda x, idx: x[idx])  # (R, N, H), (T, C) -> (T, C, N, H)
-    return gathered_attention(q, gather(k, rows_c), gather(v, rows_c), visible)
+    return gathered_attention(q, gather_rows(k, rows_c), gather_rows(v, rows_c), visible)
+
+
+def gather_rows(x, idx):
+    """Per batch row, x (B, R, ...) indexed by idx (B, T, C) -> (B, T, C, ...) in x's dtype. The gather runs in
+    float32 so that its backward, a scatter-add of the many queries' gradients that read one memory row, accumulates
+    in float32 and not in a 16-bit compute dtype."""
+    return jax.vmap(lambda a, i: a[i])(x.astype(jnp.float32), idx).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

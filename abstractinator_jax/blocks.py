@@ -7,10 +7,16 @@ RMSNorm'ed inputs; the self-attention is standard or latent as an `AttentionSpec
 Decoding: every block takes an optional `cache`, passed to its self-attention whichever kind it is (attention.py):
 None for the full forward pass, `Prefill(max_len)` to also return the cache a prompt leaves, a decode cache
 (`KVCache` for 'mha', `LatentCache` for 'mla') to advance one token per row; with a cache the block returns
-(output, cache). `run_stack` runs a list of blocks the same way."""
+(output, cache). `run_stack` runs a list of blocks the same way.
+
+Rematerialization (config `remat`, docs/ARCHITECTURE.md 7): `run_stack` can wrap each block of the full forward
+pass (no cache) in a lifted `jax.checkpoint`, so that the backward pass recomputes what the block's policy does not
+save. The parameters, their names and the values computed are the same with every setting; the decoding paths
+(with a cache) never use it."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from ml_collections import ConfigDict
@@ -108,13 +114,26 @@ class DecoderBlock(nn.Module):
         return x if cache is None else (x, cache)
 
 
-def run_stack(blocks, x, key_pad, positions, *extra, cache=None):
+# What a rematerialized block keeps for the backward pass, per config `remat` value ('none' = no jax.checkpoint).
+REMAT_POLICIES = {
+    "block": None,  # only the block's inputs: everything inside the block is recomputed
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also the projections' (token matmuls') outputs
+}
+
+
+def _call_block(blk, *args):
+    return blk(*args)
+
+
+def run_stack(blocks, x, key_pad, positions, *extra, cache=None, remat: str = "none"):
     """Apply `blocks` in order. cache: None -> x; Prefill -> (x, [cache per block]); [cache per block] (one decoding
     step) -> (x, [cache per block]), each a KVCache or a LatentCache as the block's attention is. `extra` goes to
-    every block after the positions (DecoderBlock's memory, row_valid, seg_id)."""
+    every block after the positions (DecoderBlock's memory, row_valid, seg_id). `remat` ('none', 'block', 'dots':
+    REMAT_POLICIES) checkpoints each block of the full forward pass (cache None); the cached paths ignore it."""
     if cache is None:
+        call = _call_block if remat == "none" else nn.remat(_call_block, policy=REMAT_POLICIES[remat])
         for blk in blocks:
-            x = blk(x, key_pad, positions, *extra)
+            x = call(blk, x, key_pad, positions, *extra)
         return x
     caches = [cache] * len(blocks) if isinstance(cache, Prefill) else list(cache)
     new = []

@@ -80,19 +80,21 @@ class LogitEntropyModel(nn.Module):
     cfg: ConfigDict
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
 
     def setup(self):
         cfg = self.cfg
         self.blocks = _stack(cfg, num_lm_layers(cfg), cfg.c_window, self.implementation, self.dtype, "block")
         self.norm = rms_norm(dtype=self.dtype, name="norm")
-        self.head = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), dtype=self.dtype, name="head")
+        # the head feeds the loss and the entropy bits: float32 in any compute dtype (docs/ARCHITECTURE.md 7)
+        self.head = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), dtype=jnp.float32, name="head")
 
     def predict(self, x, key_pad, positions, cache=None):
         """Next-token logits (B, T, V) float32 at every position (the prediction made at t is for token t+1); with a
         `cache` (blocks.run_stack) also the caches."""
-        out = run_stack(self.blocks, x, key_pad, positions, cache=cache)
+        out = run_stack(self.blocks, x, key_pad, positions, cache=cache, remat=self.remat)
         h, caches = out if cache is not None else (out, None)
-        logits = self.head(self.norm(h)).astype(jnp.float32)
+        logits = self.head(self.norm(h))
         return logits if cache is None else (logits, caches)
 
     def __call__(self, x, ids, key_pad, positions, stop_target_gradient: bool = False) -> EntropyOut:
@@ -109,21 +111,23 @@ class GaussianEntropyModel(nn.Module):
     cfg: ConfigDict
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
 
     def setup(self):
         cfg = self.cfg
         self.blocks = _stack(cfg, num_lm_layers(cfg), cfg.c_window, self.implementation, self.dtype, "block")
         d = cfg.D
-        self.mu = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="mu", use_bias=True)
-        self.logvar = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="logvar", use_bias=True)
+        # the heads feed the loss and the entropy bits: float32 in any compute dtype (docs/ARCHITECTURE.md 7)
+        self.mu = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=jnp.float32, name="mu", use_bias=True)
+        self.logvar = dense(d, (axes.EMBED, axes.EMBED_OUT), dtype=jnp.float32, name="logvar", use_bias=True)
 
     def predict(self, x, key_pad, positions, cache=None):
         """(mu, logvar) (B, T, D) float32 at every position: the Gaussian the model predicts at t for x_{t+1}; with a
         `cache` (blocks.run_stack) also the caches."""
-        out = run_stack(self.blocks, x, key_pad, positions, cache=cache)
+        out = run_stack(self.blocks, x, key_pad, positions, cache=cache, remat=self.remat)
         h, caches = out if cache is not None else (out, None)
-        mu = self.mu(h).astype(jnp.float32)
-        logvar = jnp.clip(self.logvar(h).astype(jnp.float32), -8.0, 8.0)
+        mu = self.mu(h)
+        logvar = jnp.clip(self.logvar(h), -8.0, 8.0)
         return (mu, logvar) if cache is None else ((mu, logvar), caches)
 
     def __call__(self, x, ids, key_pad, positions, stop_target_gradient: bool = False) -> EntropyOut:
@@ -170,7 +174,8 @@ class LearnedQueryPooling(nn.Module):
         k = token_matmul(xn.astype(self.dtype), self.wk.astype(self.dtype))  # (B, T, N, H)
         v = token_matmul(xn.astype(self.dtype), self.wv.astype(self.dtype))
         q = token_matmul(self.template.astype(self.dtype), self.wq.astype(self.dtype))  # (L, N, H)
-        return jnp.einsum("bsnh,lnh->bsln", k, q) / math.sqrt(hd), v
+        scores = jnp.einsum("bsnh,lnh->bsln", k, q, preferred_element_type=jnp.float32)  # softmax logits: float32
+        return scores / math.sqrt(hd), v
 
     def finish(self, pooled):
         """(B, Q, L, N, H) per-segment attention contexts -> (B, Q * L, D) rows."""
@@ -195,6 +200,7 @@ class SegmentCompressor(nn.Module):
     cfg: ConfigDict
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
 
     @property
     def max_segments(self) -> int:
@@ -204,7 +210,7 @@ class SegmentCompressor(nn.Module):
         cfg, impl, dtype = self.cfg, self.implementation, self.dtype
         self.shared = _stack(cfg, cfg.c_num_shared_encoder_layers, cfg.c_window, impl, dtype, "shared")
         model_cls = GaussianEntropyModel if cfg.c_entropy_model == "gaussian" else LogitEntropyModel
-        self.entropy = model_cls(cfg, impl, dtype, name="entropy")
+        self.entropy = model_cls(cfg, impl, dtype, remat=self.remat, name="entropy")
         self.compression = _stack(cfg, num_compression_layers(cfg), cfg.c_window, impl, dtype, "compression")
         self.pooler = LearnedQueryPooling(
             dim=cfg.D,
@@ -219,10 +225,10 @@ class SegmentCompressor(nn.Module):
 
     def shared_stack(self, x, key_pad, positions, cache=None):
         """The shared blocks (identity when there are none); cache as in blocks.run_stack."""
-        return run_stack(self.shared, x, key_pad, positions, cache=cache)
+        return run_stack(self.shared, x, key_pad, positions, cache=cache, remat=self.remat)
 
     def compression_stack(self, x, key_pad, positions, cache=None):
-        return run_stack(self.compression, x, key_pad, positions, cache=cache)
+        return run_stack(self.compression, x, key_pad, positions, cache=cache, remat=self.remat)
 
     def entropy_model(self, x, ids, key_pad, stop_target_gradient: bool = False) -> EntropyOut:
         """The shared stack and the entropy branch alone (stage 0): x (B, S, D) input embeddings -> EntropyOut."""

@@ -225,6 +225,14 @@ def base_config() -> ConfigDict:
     # Numerics and devices.
     c.dtype = "float32"  # activation / compute dtype: float32 or bfloat16 (parameters are float32)
     c.attention_impl = "auto"  # 'auto' (cudnn on CUDA GPUs, else xla), 'xla', 'cudnn'
+    # Rematerialization of every block stack (compressor stacks, expander, top transformer) in the train step:
+    # 'none' keeps every activation for the backward pass; 'block' keeps only each block's input and recomputes the
+    # rest; 'dots' also keeps the token matmuls' outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+    # Same parameters and same values with each (checkpoints are interchangeable). 'none' by the benchmark (tiny,
+    # B=8, S=1024-2048, BENCHMARKS.md): on CPU, 'block' costs 7-12% step time and saves only 5% of XLA's temp memory
+    # (its default scheduler runs the recomputation early); under a memory-minimising scheduler, as accelerators
+    # have, 'block' cuts it by a third ('dots' by a quarter, recomputing less): set it where memory binds.
+    c.remat = "none"
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: all remaining devices
     # Logging, evaluation, checkpoints.
     c.log_interval = 10
@@ -249,6 +257,7 @@ _ENUMS = {
     "attention_type": ("mla", "mha"),
     "c_entropy_model": ("gaussian", "logit"),
     "dtype": ("float32", "bfloat16"),
+    "remat": ("none", "block", "dots"),
     "attention_impl": ("auto", "xla", "cudnn"),
     "source": ("auto", "hf", "text", "jsonl", "parquet", "offline"),
 }
@@ -501,7 +510,7 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
         if cfg.num_levels < 1:
             problems.append(f"num_levels={cfg.num_levels} must be >= 1.")
         problems += _check_pyramid(cfg)
-        for key in ("dtype", "attention_impl"):
+        for key in ("dtype", "attention_impl", "remat"):
             if cfg[key] not in _ENUMS[key]:
                 problems.append(f"{key}={cfg[key]!r}; choose one of {_ENUMS[key]}.")
         if cfg.data.source not in _ENUMS["source"]:

@@ -81,6 +81,7 @@ class Expander(nn.Module):
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     code_dim: int | None = None  # width of the lower level's codebooks (above level 0)
+    remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
 
     def setup(self):
         cfg = self.cfg
@@ -114,7 +115,7 @@ class Expander(nn.Module):
         (blocks.run_stack: Prefill, or one step with positions (B,)) -> (hidden, caches)."""
         x = self.codes.embed(self.digits(inputs), self.tables(codebooks))
         memory = memory.astype(self.dtype)
-        out = run_stack(self.blocks, x, key_pad, positions, memory, row_valid, seg_id, cache=cache)
+        out = run_stack(self.blocks, x, key_pad, positions, memory, row_valid, seg_id, cache=cache, remat=self.remat)
         h, caches = out if cache is not None else (out, None)
         h = self.final_norm(h)
         return h if cache is None else (h, caches)

@@ -58,13 +58,19 @@ class AbstractinatorPyramid(nn.Module):
                     lo_code_dim=code_dim(lo) if lo else None,
                     implementation=impl,
                     dtype=dtype,
+                    remat=cfg.remat,
                     name=f"level_{i}",
                 )
             )
         self.levels = levels
         if cfg.use_top_code_lm:
             self.top = CodeSequenceTransformer(
-                cfg.top_transformer_config, impl, dtype, code_dim=code_dim(cfg.levels[-1]), name="top"
+                cfg.top_transformer_config,
+                impl,
+                dtype,
+                code_dim=code_dim(cfg.levels[-1]),
+                remat=cfg.remat,
+                name="top",
             )
 
     def __call__(self, ids, key_pad, train: bool = False) -> tuple[jax.Array, dict]:

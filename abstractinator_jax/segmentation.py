@@ -91,6 +91,8 @@ def segment_softmax_pool(
     denom = jax.ops.segment_sum(e, gid, num_segments=total)  # (G, L, N)
     denom_t = denom[gid]
     w = e / jnp.where(denom_t > 0, denom_t, 1.0)  # (B*S, L, N)
-    contrib = w[..., None].astype(values.dtype) * values.reshape(b * s, 1, n, h)  # (B*S, L, N, H)
+    # the weighted sum accumulates in float32 whatever the values' dtype (a bfloat16 scatter-add would round at every
+    # token of the segment); the result comes back in the values' dtype
+    contrib = w[..., None] * values.reshape(b * s, 1, n, h).astype(jnp.float32)  # (B*S, L, N, H)
     pooled = jax.ops.segment_sum(contrib, gid, num_segments=total)  # (G, L, N, H)
-    return pooled.reshape(b, buckets, lq, n, h)[:, :num_segments]
+    return pooled.reshape(b, buckets, lq, n, h)[:, :num_segments].astype(values.dtype)

@@ -48,6 +48,7 @@ class CodeSequenceTransformer(nn.Module):
     implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     code_dim: int = 0  # width of the top quantizer's codebooks (discrete top)
+    remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
 
     def setup(self):
         cfg = self.cfg
@@ -66,20 +67,21 @@ class CodeSequenceTransformer(nn.Module):
             for i in range(cfg.num_layers)
         ]
         self.final_norm = rms_norm(dtype=self.dtype, name="final_norm")
-        self.out_proj = dense(cfg.embed_dim, (axes.EMBED, axes.EMBED_OUT), dtype=self.dtype, name="out_proj")
+        # the output projections feed the losses (and generation's next row / code): float32 in any compute dtype
+        self.out_proj = dense(cfg.embed_dim, (axes.EMBED, axes.EMBED_OUT), dtype=jnp.float32, name="out_proj")
         if not cfg.continuous:
             if self.code_dim <= 0:
                 raise ValueError("a discrete CodeSequenceTransformer needs code_dim (the top codebooks' width).")
-            self.code_proj = dense(self.code_dim, (axes.EMBED_OUT, axes.CODE), dtype=self.dtype, name="code_proj")
+            self.code_proj = dense(self.code_dim, (axes.EMBED_OUT, axes.CODE), dtype=jnp.float32, name="code_proj")
 
     def predict(self, rows, valid, positions=None, cache=None):
         """rows (B, Q, E), valid (B, Q) -> the prediction at every row for the next one (B, Q, E) float32; with a
         `cache` (blocks.run_stack; one step: rows (B, 1, E), positions (B,)) -> (prediction, caches)."""
         h = self.in_proj(rows.astype(self.dtype))
         positions = jnp.arange(rows.shape[1]) if positions is None else positions
-        out = run_stack(self.blocks, h, ~valid, positions, cache=cache)
+        out = run_stack(self.blocks, h, ~valid, positions, cache=cache, remat=self.remat)
         h, caches = out if cache is not None else (out, None)
-        pred = self.out_proj(self.final_norm(h)).astype(jnp.float32)
+        pred = self.out_proj(self.final_norm(h))
         return pred if cache is None else (pred, caches)
 
     def code_space(self, pred):

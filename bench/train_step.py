@@ -5,6 +5,8 @@
 Prints one JSON line: bytes/s (real bytes: the batch is real English text packed to full rows), step time, analytic
 FLOPs per byte and model-FLOPs utilization against a measured matmul peak, XLA's memory analysis of the compiled
 step and the process's peak resident memory. Run one configuration per process for a clean peak-memory figure.
+`--compile_only` stops after the memory analysis; `--remat` and `--top` change the config's rematerialization and
+add its top transformer.
 """
 
 from __future__ import annotations
@@ -76,6 +78,26 @@ def timed(fn, *args, warmup: int = 2, reps: int = 5):
     return float(np.median(times)), out
 
 
+def memory_report(args, cfg, state, compile_s: float, mem) -> dict:
+    """What --compile_only prints: the compiled step's memory analysis (XLA temp and arguments), no timing."""
+    out = {
+        "config": os.path.basename(args.config),
+        "backend": jax.default_backend(),
+        "dtype": cfg.dtype,
+        "remat": cfg.remat,
+        "top": cfg.use_top_code_lm,
+        "batch_size": args.batch_size,
+        "sequence_length": args.sequence_length,
+        "parameters": train_state.count_params(state.params),
+        "compile_s": round(compile_s, 2),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    if mem is not None:
+        out["xla_temp_mb"] = round(mem.temp_size_in_bytes / 2**20, 1)
+        out["xla_args_mb"] = round(mem.argument_size_in_bytes / 2**20, 1)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -83,6 +105,11 @@ def main():
     ap.add_argument("--sequence_length", type=int, default=1024)
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the config's)")
     ap.add_argument("--attention_impl", default=None, help="auto, xla or cudnn (default: the config's)")
+    ap.add_argument("--remat", default=None, help="none, block or dots (default: the config's)")
+    ap.add_argument("--top", action="store_true", help="train the config's top transformer too (use_top_code_lm)")
+    ap.add_argument(
+        "--compile_only", action="store_true", help="compile and report memory only (deterministic on a busy machine)"
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip_forward", action="store_true")
     args = ap.parse_args()
@@ -95,6 +122,10 @@ def main():
         cfg.dtype = args.dtype
     if args.attention_impl:
         cfg.attention_impl = args.attention_impl
+    if args.remat:
+        cfg.remat = args.remat
+    if args.top:
+        cfg.use_top_code_lm = True
     validate_config(cfg)
 
     mesh = make_mesh(cfg.mesh)
@@ -111,6 +142,9 @@ def main():
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
+        if args.compile_only:
+            print(json.dumps(memory_report(args, cfg, state, compile_s, mem)))
+            return
         state, _ = compiled(state, batch)  # donated: keep the new state
         holder = {"state": state}
 
@@ -125,6 +159,8 @@ def main():
             "device": str(jax.devices()[0].device_kind),
             "dtype": cfg.dtype,
             "attention_impl": cfg.attention_impl,
+            "remat": cfg.remat,
+            "top": cfg.use_top_code_lm,
             "batch_size": args.batch_size,
             "sequence_length": args.sequence_length,
             "parameters": train_state.count_params(state.params),
