@@ -78,20 +78,26 @@ def timed(fn, *args, warmup: int = 2, reps: int = 5):
     return float(np.median(times)), out
 
 
-def memory_report(args, cfg, state, compile_s: float, mem) -> dict:
-    """What --compile_only prints: the compiled step's memory analysis (XLA temp and arguments), no timing."""
-    out = {
+def run_fields(args, cfg, state, compile_s: float) -> dict:
+    """The fields every result line starts with: what ran, and how long it took to compile."""
+    return {
         "config": os.path.basename(args.config),
         "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
         "dtype": cfg.dtype,
+        "attention_impl": cfg.attention_impl,
         "remat": cfg.remat,
         "top": cfg.use_top_code_lm,
         "batch_size": args.batch_size,
         "sequence_length": args.sequence_length,
         "parameters": train_state.count_params(state.params),
         "compile_s": round(compile_s, 2),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+
+
+def memory_report(args, cfg, state, compile_s: float, mem) -> dict:
+    """What --compile_only prints: the compiled step's memory analysis (XLA temp and arguments), no timing."""
+    out = {**run_fields(args, cfg, state, compile_s), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if mem is not None:
         out["xla_temp_mb"] = round(mem.temp_size_in_bytes / 2**20, 1)
         out["xla_args_mb"] = round(mem.argument_size_in_bytes / 2**20, 1)
@@ -154,17 +160,7 @@ def main():
 
         step_s, metrics = timed(run_step, batch, reps=args.reps)
         result = {
-            "config": os.path.basename(args.config),
-            "backend": jax.default_backend(),
-            "device": str(jax.devices()[0].device_kind),
-            "dtype": cfg.dtype,
-            "attention_impl": cfg.attention_impl,
-            "remat": cfg.remat,
-            "top": cfg.use_top_code_lm,
-            "batch_size": args.batch_size,
-            "sequence_length": args.sequence_length,
-            "parameters": train_state.count_params(state.params),
-            "compile_s": round(compile_s, 2),
+            **run_fields(args, cfg, state, compile_s),
             "train_step_s": round(step_s, 4),
             "train_bytes_per_s": round(n_bytes / step_s, 1),
         }

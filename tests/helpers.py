@@ -24,8 +24,11 @@ def xla_flags(devices: int | None = None) -> str:
     return " ".join(flags)
 
 
-def tiny_config(seq_len: int = 64, batch_size: int = 4):
-    """A model small enough for CPU tests (one level, D=32)."""
+def tiny_config(seq_len: int = 64, batch_size: int = 4, attention: str = "mha"):
+    """A model small enough for CPU tests (one level, D=32). `attention` sets every attention type: standard
+    attention by default, which compiles in about half the time of latent attention; the configs' latent attention
+    is what tests/test_mla.py, tests/test_generation.py (both kinds) and the training tests (overfitting, bfloat16,
+    4-device fsdp) run (attention='mla')."""
     cfg = base_config()
     lv = cfg.levels[0]
     lv.D = 32
@@ -40,6 +43,8 @@ def tiny_config(seq_len: int = 64, batch_size: int = 4):
     lv.d_lo_d_c = 16
     # latent attention (the default) sized for D=32: the defaults (64, 64, 128, 32) would cost more than the model
     lv.c_head_dim, lv.c_kv_comp_dim, lv.c_q_comp_dim, lv.c_retr_dim = 16, 16, 16, 8
+    lv.attention_type = attention
+    cfg.top_transformer_config.attention_type = attention
     cfg.sequence_length = seq_len
     cfg.batch_size = batch_size
     cfg.warmup_steps = 10
@@ -61,10 +66,10 @@ def sentence_batch(seq_len: int = 64, sentences=SENTENCES) -> dict:
     return {"ids": ids, "mask": ids == PAD_ID}
 
 
-def tiny_discrete_config(seq_len: int = 32, batch_size: int = 2):
+def tiny_discrete_config(seq_len: int = 32, batch_size: int = 2, attention: str = "mha"):
     """`tiny_config` with a code for every row: a 16-code quantizer, a logit entropy model and a one-block discrete
     top transformer (so the evaluation has a total code length, `bits_per_byte`)."""
-    cfg = tiny_config(seq_len=seq_len, batch_size=batch_size)
+    cfg = tiny_config(seq_len=seq_len, batch_size=batch_size, attention=attention)
     lv = cfg.levels[0]
     lv.c_vq_K = 16
     lv.c_vq_d_c = 8

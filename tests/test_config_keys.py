@@ -85,7 +85,7 @@ def _param_shapes(cfg) -> dict:
 
 
 def test_an_mha_era_checkpoint_config_compares_and_rebuilds():
-    cfg = tiny_config()
+    cfg = tiny_config(attention="mla")
     cfg.use_top_code_lm = True
     cfg.top_transformer_config.update(embed_dim=32, dim=32, num_layers=1, num_heads=2, continuous=True)
     saved = _mha_era_saved_config(cfg)
@@ -101,7 +101,7 @@ def test_an_mha_era_checkpoint_config_compares_and_rebuilds():
     # Evaluating it: the saved config rebuilds (validated) as the standard-attention model it was trained as.
     old = run_config(saved, None, None, {})
     assert old.levels[0].attention_type == "mha" and old.top_transformer_config.attention_type == "mha"
-    mha = tiny_config()
+    mha = tiny_config(attention="mla")
     mha.use_top_code_lm = True
     mha.top_transformer_config.update(embed_dim=32, dim=32, num_layers=1, num_heads=2, continuous=True)
     mha.levels[0].attention_type = "mha"

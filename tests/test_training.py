@@ -30,7 +30,7 @@ BF16_STEPS = 100
 @pytest.fixture(scope="module")
 def tiny_init():
     """(cfg, mesh, optimizer, initial state, shardings) of tiny_config; runs copy the state (a step donates it)."""
-    cfg = tiny_config()
+    cfg = tiny_config(attention="mla")
     mesh = sharding.make_mesh(cfg.mesh)
     opt = train_state.make_optimizer(cfg)
     state, shardings = train_state.create_train_state(cfg, AbstractinatorPyramid(cfg), mesh, opt)
@@ -101,7 +101,7 @@ def _bf16_primitives(jaxpr, found):
 
 @pytest.mark.parametrize("kind", ["gaussian entropy, continuous top", "logit entropy, quantizer, discrete top"])
 def test_bfloat16_computes_matmuls_in_bfloat16_and_statistics_in_float32(kind):
-    cfg = tiny_discrete_config() if kind.startswith("logit") else tiny_config()
+    cfg = tiny_discrete_config(attention="mla") if kind.startswith("logit") else tiny_config(attention="mla")
     cfg.use_top_code_lm = True
     cfg.top_transformer_config.update(embed_dim=32, dim=32, num_layers=1, num_heads=2, head_dim=16, kv_comp_dim=16)
     cfg.top_transformer_config.update(q_comp_dim=16, retr_dim=8, continuous=kind.endswith("continuous top"))
@@ -166,7 +166,7 @@ _MESH_SCRIPT = textwrap.dedent(
     from tests.helpers import sentence_batch, tiny_config
 
     assert jax.device_count() == 4, jax.devices()
-    cfg = tiny_config()
+    cfg = tiny_config(attention="mla")  # the configs' attention: its per-head weights are sharded too
     cfg.levels[0].c_vq_K, cfg.levels[0].c_vq_d_c = 64, 16  # code tables and projections are parameters too
     cfg.use_top_code_lm = True
     top = cfg.top_transformer_config
