@@ -15,7 +15,7 @@ import pytest
 from flax import linen as nn
 
 from abstractinator_jax import tokenizer
-from abstractinator_jax.config import EOS_ID, PAD_ID, validate_config
+from abstractinator_jax.config import BOS_ID, EOS_ID, PAD_ID, validate_config
 from abstractinator_jax.model import AbstractinatorPyramid
 from abstractinator_jax.report import atlas_tsv, dead_codes, render_report, row_views, segmentation_report
 
@@ -237,10 +237,24 @@ def test_report_files_for_a_pyramid_and_greedy_code_expansion(compressed, tmp_pa
     expander = CodeExpander(model, variables, cfg)
     codes = np.unique(np.asarray(comps[0].codes)[np.asarray(comps[0].valid_mask)])[:6]
     cap = cfg.levels[0].gen_max_segment_len
-    for code, gen in zip(codes, expander.expand(0, codes)):
+    # where each expansion stops, by a loop: the uncut greedy ids, cut before the first id t >= 1 that starts a new
+    # segment of [BOS] + ids under the level's own rule, or after an EOS, or at the cap
+    uncut = np.asarray(expander._program(0)(variables, jnp.asarray(np.resize(codes, 64).astype(np.int32)))[0])
+    rows = np.concatenate([np.full((64, 1), BOS_ID), uncut], axis=1).astype(np.int32)
+    seg = np.asarray(
+        jax.jit(lambda v, r: model.apply(v, r, r == PAD_ID, method=model.compress_all)[0])(
+            variables, rows
+        ).segments.seg_id
+    )
+    for i, (code, gen) in enumerate(zip(codes, expander.expand(0, codes))):
+        want = cap
+        for t in range(1, cap):
+            if seg[i, t + 1] != seg[i, t] or uncut[i, t - 1] == EOS_ID:
+                want = t
+                break
+        assert gen == [int(x) for x in uncut[i, :want]], (code, gen, want)
         assert 1 <= len(gen) <= cap
-        full = expander.expand(0, [code])[0]
-        assert full == gen
+        assert expander.expand(0, [code])[0] == gen  # the same alone as in a batch
 
         def logits(m, targets, code):
             level = m.levels[0]
