@@ -233,6 +233,11 @@ def base_config() -> ConfigDict:
     # (its default scheduler runs the recomputation early); under a memory-minimising scheduler, as accelerators
     # have, 'block' cuts it by a third ('dots' by a quarter, recomputing less): set it where memory binds.
     c.remat = "none"
+    # The top transformer's training and scoring pass runs over the smallest of this many equal prefixes of the top
+    # level's slots that holds every valid row of the batch (one compiled branch each, its gradient computed in the
+    # branch; the same loss and gradients as over every slot). 8 by the benchmark (tiny + top, B=8, S=1024,
+    # BENCHMARKS.md): 2.3x the step speed of 1, ~15% more compile time. 1 = always every slot (the shortest compile).
+    c.top_row_buckets = 8
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: all remaining devices
     # Logging, evaluation, checkpoints.
     c.log_interval = 10
@@ -536,6 +541,7 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
             "eval_interval",
             "checkpoint_interval",
             "max_consecutive_skipped_steps",
+            "top_row_buckets",
         ):
             if cfg[key] < 1:
                 problems.append(f"{key}={cfg[key]} must be >= 1.")

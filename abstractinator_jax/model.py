@@ -70,6 +70,7 @@ class AbstractinatorPyramid(nn.Module):
                 dtype,
                 code_dim=code_dim(cfg.levels[-1]),
                 remat=cfg.remat,
+                row_buckets=cfg.top_row_buckets,
                 name="top",
             )
 

@@ -17,6 +17,84 @@ from .layers import dense, rms_norm
 from .losses import masked_cross_entropy
 
 
+def row_bucket_sizes(num_rows: int, buckets: int) -> tuple[int, ...]:
+    """The prefix lengths the top transformer may run over: `buckets` equal steps up to num_rows (ascending, unique;
+    the last is num_rows). 1 bucket = always every row."""
+    b = max(1, min(buckets, num_rows))
+    return tuple(sorted({-(-num_rows * (i + 1) // b) for i in range(b)}))
+
+
+def row_bucket_index(valid: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
+    """valid (B, Q) -> int32 scalar: the smallest bucket whose prefix holds every valid row of the batch (rows past
+    the last valid one are never seen by a valid row: causal attention and the next-row pairs stop there)."""
+    q = valid.shape[1]
+    last = jnp.max(jnp.where(valid, jnp.arange(1, q + 1, dtype=jnp.int32), 0))  # 1 + index of the last valid row
+    return jnp.minimum(jnp.searchsorted(jnp.asarray(sizes, jnp.int32), last), len(sizes) - 1).astype(jnp.int32)
+
+
+def _pad_rows(x: jax.Array, q: int) -> jax.Array:
+    """(B, n, ...) -> (B, q, ...) with zeros after row n."""
+    return jnp.pad(x, [(0, 0), (0, q - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def bucketed_loss(module: nn.Module, sizes: tuple[int, ...], code_K: int, outputs: bool):
+    """(params, rows (B, Q, E), valid (B, Q), codes, codebooks) -> (loss, (metrics[, outputs])) of the unbound top
+    `module` over the smallest prefix of `sizes` rows that holds every valid row (lax.switch; outputs zero-padded to Q
+    rows). Its gradient is computed with the value, inside the same branch (a custom VJP): differentiating a switch
+    makes every branch carry the residuals of all of them (memory and zero-filling of the sum of all buckets), where
+    this carries only the gradients of the parameters and rows. The loss is a scalar, so its VJP is that gradient
+    scaled by the loss's cotangent; valid, codes and codebooks get none (the top scores codes against stopped
+    codebooks)."""
+    q = sizes[-1]
+
+    def branch(n):
+        def f(params, rows, valid, codes, codebooks):
+            res = module.apply(
+                {"params": params},
+                rows[:, :n],
+                valid[:, :n],
+                None if codes is None else codes[:, :n],
+                codebooks,
+                code_K,
+                outputs,
+                method=module._loss,
+            )
+            if outputs:
+                return res[0], (res[1], jax.tree.map(lambda x: _pad_rows(x, q), res[2]))
+            return res[0], (res[1],)
+
+        return f
+
+    def with_grad(n):
+        def f(*args):
+            return jax.value_and_grad(branch(n), argnums=(0, 1), has_aux=True)(*args)
+
+        return f
+
+    @jax.custom_vjp
+    def run(params, rows, valid, codes, codebooks):
+        index = row_bucket_index(valid, sizes)
+        return jax.lax.switch(index, [branch(n) for n in sizes], params, rows, valid, codes, codebooks)
+
+    def forward(params, rows, valid, codes, codebooks):
+        index = row_bucket_index(valid, sizes)
+        return jax.lax.switch(index, [with_grad(n) for n in sizes], params, rows, valid, codes, codebooks)
+
+    def backward(grads, cotangent):
+        g = cotangent[0]  # the loss's; metrics and outputs are not differentiated
+        grad_params, grad_rows = grads
+        return (
+            jax.tree.map(lambda x: x * g.astype(x.dtype), grad_params),
+            grad_rows * g.astype(grad_rows.dtype),
+            None,
+            None,
+            None,
+        )
+
+    run.defvjp(forward, backward)
+    return run
+
+
 def next_row_pairs(valid: jax.Array) -> jax.Array:
     """(B, Q) -> (B, Q-1): True where row t and its successor t+1 are both valid (a next-row target exists)."""
     return valid[:, :-1] & valid[:, 1:]
@@ -49,6 +127,9 @@ class CodeSequenceTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     code_dim: int = 0  # width of the top quantizer's codebooks (discrete top)
     remat: str = "none"  # blocks.run_stack: rematerialization of the blocks in training
+    # __call__ runs over the smallest of `row_buckets` equal prefixes of the rows that holds every valid row of the
+    # batch (lax.switch: one compiled branch per bucket; the same loss and gradients as over all rows).
+    row_buckets: int = 1
 
     def setup(self):
         cfg = self.cfg
@@ -91,10 +172,21 @@ class CodeSequenceTransformer(nn.Module):
     def __call__(self, rows, valid, codes=None, codebooks=None, code_K: int = 0, outputs: bool = False):
         """rows: (B, Q, E) top-level vectors; valid: (B, Q); codes: (B, Q) composed ids (discrete). Returns (loss,
         metrics), and with `outputs` also the predictions at every row t of row t+1: {'pred': (B, Q, E)}
-        (continuous) or {'logits': [(B, Q, K)] per stage, 'digits': (B, Q, depth) of each row's code} (discrete)."""
-        cfg = self.cfg
+        (continuous) or {'logits': [(B, Q, K)] per stage, 'digits': (B, Q, depth) of each row's code} (discrete);
+        with row buckets, rows past the computed bucket hold zeros there (they are invalid). Only the loss carries
+        a gradient (metrics and outputs are constants to it)."""
         b, q, e = rows.shape
         chex.assert_shape(valid, (b, q))
+        sizes = row_bucket_sizes(q, self.row_buckets)
+        if len(sizes) == 1 or self.is_initializing():
+            return self._loss(rows, valid, codes, codebooks, code_K, outputs)
+        run = bucketed_loss(self.clone(parent=None), sizes, code_K, outputs)
+        loss, rest = run(nn.meta.unbox(self.variables["params"]), rows, valid, codes, codebooks)
+        return (loss, *rest)
+
+    def _loss(self, rows, valid, codes, codebooks, code_K, outputs):
+        """__call__ over all the rows given."""
+        cfg = self.cfg
         out = self.predict(rows, valid)
         target = jax.lax.stop_gradient(rows)
         if cfg.continuous:

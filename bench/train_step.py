@@ -88,6 +88,7 @@ def run_fields(args, cfg, state, compile_s: float) -> dict:
         "attention_impl": cfg.attention_impl,
         "remat": cfg.remat,
         "top": cfg.use_top_code_lm,
+        "top_row_buckets": cfg.top_row_buckets if cfg.use_top_code_lm else None,
         "batch_size": args.batch_size,
         "sequence_length": args.sequence_length,
         "parameters": train_state.count_params(state.params),
@@ -113,6 +114,7 @@ def main():
     ap.add_argument("--attention_impl", default=None, help="auto, xla or cudnn (default: the config's)")
     ap.add_argument("--remat", default=None, help="none, block or dots (default: the config's)")
     ap.add_argument("--top", action="store_true", help="train the config's top transformer too (use_top_code_lm)")
+    ap.add_argument("--top_row_buckets", type=int, default=None, help="the top's row buckets (default: the config's)")
     ap.add_argument(
         "--compile_only", action="store_true", help="compile and report memory only (deterministic on a busy machine)"
     )
@@ -132,6 +134,8 @@ def main():
         cfg.remat = args.remat
     if args.top:
         cfg.use_top_code_lm = True
+    if args.top_row_buckets:
+        cfg.top_row_buckets = args.top_row_buckets
     validate_config(cfg)
 
     mesh = make_mesh(cfg.mesh)
@@ -177,7 +181,9 @@ def main():
         if not args.skip_forward:
             eval_step = steps.make_eval_step(model, mesh, shardings)
             st = holder["state"]
-            fwd_s, _ = timed(eval_step, st.params, st.model_state, ids, np.zeros_like(ids, bool), reps=args.reps)
+            fwd_s, _ = timed(
+                eval_step, train_state.all_params(st), st.model_state, ids, np.zeros_like(ids, bool), reps=args.reps
+            )
             result["forward_s"] = round(fwd_s, 4)
             result["forward_bytes_per_s"] = round(n_bytes / fwd_s, 1)
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -43,19 +43,19 @@ does (same losses; the work of a block-sparse kernel, so the fairer CPU stand-in
 from the second step (see bench/original_side.py); timing only.
 
 Segmentation (`--segmentation`): the original's cost depends on where level 0 cuts the bytes (its pooling, top
-transformer and expander work depends on the real number of segments), ours much less (fixed slots,
-c_output_length / c_num_queries per row, whatever the count). `init` (default): each side at its random
-initialisation, cutting where its own untrained entropy model says (several times longer segments than a trained
-model's). `trained`: ours restores the parameters and quantizer state (and optimizer state and step) of the latest
-checkpoint of `--trained_workdir` (a train.py run whose saved config matches `--config` in the model, the loss
-weights and the optimizer; data, sequence, batch and run bookkeeping may differ; read only), so its step runs at that
-model's segmentation. The original cannot load our weights: it keeps its own random initialisation, and its level-0
-boundaries are forced, for the benchmark batch, to ours (our trained model's patch_end_mask of that batch, see
-bench/original_side.py Original.force_segmentation); its entropy model still runs and trains, only the boundary
-decision is forced. Level 0 only, so `trained` takes one-level configs. Both modes report each side's level-0 bytes
-per segment on the batch (`bytes_per_segment`; forced, the original's equals ours) and, in the paired mode, the same
-at the last step (`bytes_per_segment_last`: ours from its last step's metric; the original's own boundaries move as
-its entropy model trains, unless forced).
+transformer and expander work depends on the real number of segments), ours much less (fixed slots, c_output_length /
+c_num_queries per row, whatever the count). `init` (default): each side at its random initialisation, cutting where its
+own untrained entropy model says (several times longer segments than a trained model's). `trained`: ours restores the
+parameters and quantizer state (and optimizer state and step) of the latest checkpoint of `--trained_workdir` (a
+train.py run whose saved config matches `--config` in the model, the loss weights and the optimizer; data, sequence,
+batch, slot count (c_output_length) and run bookkeeping may differ; read only), so its step runs at that model's
+segmentation. The original cannot load our weights: it keeps its own random initialisation, and its level-0 boundaries
+are forced, for the benchmark batch, to ours (our trained model's patch_end_mask of that batch, see
+bench/original_side.py Original.force_segmentation); its entropy model still runs and trains, only the boundary decision
+is forced. Level 0 only, so `trained` takes one-level configs. Both modes report each side's level-0 bytes per segment
+on the batch (`bytes_per_segment`; forced, the original's equals ours) and, in the paired mode, the same at the last
+step (`bytes_per_segment_last`: ours from its last step's metric; the original's own boundaries move as its entropy
+model trains, unless forced).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,10 @@ def restore_trained(cfg, workdir: str):
             sys.exit(f"error: checkpoint step {step} under {ckpt.directory} was saved without its config.")
         current = to_dict(cfg)
         diffs = model_config_differences(saved, current) + model_config_differences(saved, current, keys=STEP_KEYS)
+        # the slot count (c_output_length) shapes no parameter or state: a run trained at another sequence length
+        # benchmarks with this one's slots (its segmentation rule is the same)
+        slots = [d for d in diffs if re.match(r"levels\[\d+\]\.c_output_length:", d)]
+        diffs = [d for d in diffs if d not in slots]
         if diffs:
             sys.exit(
                 f"error: --trained_workdir {workdir} (step {step}) was trained with a config that differs from "
@@ -260,7 +265,8 @@ def restore_trained(cfg, workdir: str):
         unchecked = sorted({d.split(":")[0] for d in model_config_differences(saved, current, keys=other)})
         run = build(cfg)
         state = restore_checked(ckpt, step, run.abstract_state)
-    return run, state, {"trained_step": int(step), "trained_config_differs_in": unchecked}
+    slots = sorted(d.split(":")[0] for d in slots)
+    return run, state, {"trained_step": int(step), "trained_config_differs_in": slots + unchecked}
 
 
 def ours_setup(cfg, ids, trained_workdir: str | None = None):

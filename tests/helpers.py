@@ -45,6 +45,7 @@ def tiny_config(seq_len: int = 64, batch_size: int = 4, attention: str = "mha"):
     lv.c_head_dim, lv.c_kv_comp_dim, lv.c_q_comp_dim, lv.c_retr_dim = 16, 16, 16, 8
     lv.attention_type = attention
     cfg.top_transformer_config.attention_type = attention
+    cfg.top_row_buckets = 2  # the bucketed top (lax.switch) at the least compile cost; test_pyramid checks buckets
     cfg.sequence_length = seq_len
     cfg.batch_size = batch_size
     cfg.warmup_steps = 10

@@ -10,6 +10,7 @@ captured, compress_all, and level 1's compressor on perturbed level-0 outputs).
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 
 import jax
@@ -373,6 +374,77 @@ def test_top_transformer_is_causal_and_ignores_invalid_rows():
     np.testing.assert_allclose(pred_g[valid], pred[valid], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loss_g, loss, rtol=1e-6)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_row_buckets_pick_the_smallest_prefix_holding_every_valid_row():
+    assert top.row_bucket_sizes(8, 4) == (2, 4, 6, 8)
+    assert top.row_bucket_sizes(7, 3) == (3, 5, 7)
+    assert top.row_bucket_sizes(3, 8) == (1, 2, 3)
+    assert top.row_bucket_sizes(5, 1) == (5,)
+    rng = np.random.default_rng(7)
+    sizes = (3, 5, 7)
+    index = jax.jit(top.row_bucket_index, static_argnums=1)
+    for _ in range(20):
+        valid = rng.random((3, 7)) < rng.random()
+        last = max([t + 1 for i in range(3) for t in range(7) if valid[i, t]], default=0)
+        want = next(i for i, n in enumerate(sizes) if n >= last)
+        assert int(index(valid, sizes)) == want, valid
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_top_over_row_buckets_equals_top_over_every_row(continuous):
+    """The bucketed top (lax.switch over prefixes, its gradient computed in the branch) gives the loss, metrics,
+    gradients (parameters and input rows) and (at valid rows) outputs of the top over every slot: for batches whose
+    valid rows end early, in the middle, at the last slot, or nowhere."""
+    tcfg = copy.deepcopy(two_level_config(stage=2).top_transformer_config)
+    tcfg.continuous = continuous
+    q, k, d_c = 8, 16, 8
+    full = top.CodeSequenceTransformer(tcfg, code_dim=d_c)
+    bucketed = top.CodeSequenceTransformer(tcfg, code_dim=d_c, row_buckets=4)  # buckets of 2, 4, 6, 8 rows
+    rng = np.random.default_rng(5)
+    rows = jnp.asarray(rng.normal(size=(3, q, 48)), jnp.float32)
+    codes = jnp.asarray(rng.integers(0, k - 4, (3, q)), jnp.int32)
+    books = [jnp.asarray(rng.normal(size=(k, d_c)), jnp.float32)]
+    args = (codes, books, k) if not continuous else ()
+    params = jax.jit(lambda: full.init(jax.random.key(0), rows, jnp.ones((3, q), bool), *args))()
+
+    @jax.jit
+    def run(params, valid):
+        def loss(p, r, m):
+            out = m.apply(p, r, valid, *args, outputs=True)
+            return out[0], out
+
+        grad = functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)  # parameters and rows
+        outs = [grad(functools.partial(loss, m=m))(params, rows) for m in (full, bucketed)]
+        return outs, top.row_bucket_index(valid, top.row_bucket_sizes(q, 4))
+
+    patterns = {
+        "end early": [[1, 1, 1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]],
+        "middle": [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]],
+        "last slot": [[1, 1, 1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0, 0, 1], [1, 1, 0, 0, 0, 0, 0, 0]],
+        "nowhere": [[0] * q] * 3,
+    }
+    chosen = {}
+    for name, pattern in patterns.items():
+        valid = jnp.asarray(pattern, bool)
+        (((lf, (_, mf, of)), gf), ((lb, (_, mb, ob)), gb)), index = host(run(params, valid))
+        chosen[name] = int(index)
+        np.testing.assert_allclose(lb, lf, rtol=1e-5, atol=1e-7, err_msg=name)
+        for key in mf:
+            np.testing.assert_allclose(mb[key], mf[key], rtol=1e-5, atol=1e-7, err_msg=f"{name} {key}")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gf), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=f"{name} {jax.tree_util.keystr(path)}")
+        # outputs agree at rows with a next-row target (row t predicts t+1; the last row of a bucket has none)
+        pairs = np.zeros((3, q), bool)
+        pairs[:, :-1] = np.asarray(top.next_row_pairs(valid))
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(of), jax.tree.leaves(ob)):
+            assert a.shape == b.shape, (name, path)
+            if a.ndim >= 2 and a.shape[:2] == (3, q):
+                np.testing.assert_allclose(b[pairs], a[pairs], rtol=1e-5, atol=1e-5, err_msg=f"{name} {path}")
+        if continuous and name == "nowhere":
+            assert float(lf) == 0.0
+    # each pattern ran the branch its last valid row asks for (2, 6, 8 and 2 rows)
+    assert chosen == {"end early": 1, "middle": 2, "last slot": 3, "nowhere": 0}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from .helpers import sentence_batch, tiny_config
 
 BATCH = sentence_batch()
 IDS, PAD = BATCH["ids"][0], BATCH["mask"][0]
-# a stack in every part that has one: entropy (1 block), compression (1), expander (1), top transformer (1)
-BLOCKS = 4
+# a stack in every part that has one: entropy (1 block), compression (1), expander (1), top transformer (1 block,
+# traced once in each branch of its row buckets: tiny_config's top_row_buckets = 2)
+BLOCKS = 3 + 2
 
 
 def remat_config(remat: str):
@@ -29,6 +30,7 @@ def remat_config(remat: str):
     )
     cfg.top_transformer_config.retr_dim = 8
     cfg.remat = remat
+    assert cfg.top_row_buckets == 2
     return validate_config(cfg)
 
 
