@@ -28,6 +28,9 @@ Then (modes):
     # segmentation (PASS/FAIL)
     python bench/vs_original.py --check --config configs/stage1_super_tiny.py --batch_size 2 --sequence_length 128
 
+`--top` trains the config's top transformer in stage 1 on both sides (the original's experiments/tiny.py does; our
+configs/tiny.py leaves it to `--config.use_top_code_lm=True`); `--top_row_buckets N` sets our top's row buckets.
+
 Both models are built from the same config (the original's from its components/, sized by our config's fields);
 each side compiles first (ours: jit; the original: eager, or `--torch_compile` as its train.py does), then the
 driver alternates rounds of `--steps_per_round` steps: ours, then the original's (a subprocess waiting on stdin,
@@ -202,6 +205,10 @@ def prepare(args):
     cfg = load_config_file(args.config)
     cfg.batch_size, cfg.sequence_length, cfg.gradient_accumulation_steps = args.batch_size, args.sequence_length, 1
     cfg.dtype = "float32"
+    if args.top:
+        cfg.use_top_code_lm = True
+    if args.top_row_buckets:
+        cfg.top_row_buckets = args.top_row_buckets
     if cfg.stage == 2:
         sys.exit("error: compare stage-1 configs (the original's stage 2 trains on a frozen, loaded pyramid).")
     if getattr(args, "segmentation", "init") == "trained" and len(cfg.levels) > 1:
@@ -634,6 +641,8 @@ def main():
     ap.add_argument("--trained_workdir", help="--segmentation trained: a train.py run of this config (read only)")
     ap.add_argument("--components", action="store_true", help="per-component forward+backward times of both sides")
     ap.add_argument("--reps", type=int, default=5, help="--components: timed repetitions per part (median)")
+    ap.add_argument("--top", action="store_true", help="both sides train the config's top transformer (stage 1)")
+    ap.add_argument("--top_row_buckets", type=int, default=None, help="ours: the top's row buckets (config's default)")
     ap.add_argument("--check", action="store_true", help="check the original's exact attention modes (PASS/FAIL)")
     ap.add_argument("--check_steps", type=int, default=20, help="--check: train steps on the repeated batch")
     args = ap.parse_args()
