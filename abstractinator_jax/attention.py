@@ -79,13 +79,42 @@ def banded_causal_mask(t: int, window: int) -> jax.Array:
     return allowed
 
 
-def causal_attention(q, k, v, key_pad, *, window: int = 0, implementation: str = "xla"):
-    """Dense causal attention (optionally banded to `window`); O(T^2): use for short sequences."""
+# Full causal attention over more than 2 blocks of this many queries runs block by block (`_query_blocked_attention`).
+QUERY_BLOCK = 128
+
+
+def causal_attention(q, k, v, key_pad, *, window: int = 0, implementation: str = "xla", query_block: int = QUERY_BLOCK):
+    """Causal attention (optionally banded to `window`); O(T^2) compute. Full causal attention (window 0) over more
+    than 2 * query_block queries keeps O(T * query_block) scores in memory instead of O(T^2)."""
     t = q.shape[1]
     if implementation == "cudnn":
         return _cudnn_attention(q, k, v, key_pad, window)
+    if window <= 0 and t > 2 * query_block:
+        return _query_blocked_attention(q, k, v, key_pad, query_block)
     mask = banded_causal_mask(t, window)[None, None] & ~key_pad[:, None, None, :]
     return _xla_attention(q, k, v, mask)
+
+
+def _query_blocked_attention(q, k, v, key_pad, block: int):
+    """Full causal attention computed one block of `block` queries at a time (lax.map), each block against every key
+    and rematerialized in the backward pass (jax.checkpoint): the (B, N, block, T) scores of one block are the only
+    scores alive, where the dense form keeps several (B, N, T, T) arrays for the backward pass. Same values.
+    q, k: (B, T, N, R); v: (B, T, N, H) or one shared head (B, T, 1, C); key_pad: (B, T) True at PAD."""
+    b, t, n, r = q.shape
+    nb = -(-t // block)
+    qp = jnp.pad(q, ((0, 0), (0, nb * block - t), (0, 0), (0, 0)))
+    qb = jnp.moveaxis(qp.reshape(b, nb, block, n, r), 1, 0)  # (nb, B, block, N, R)
+    keys = jnp.arange(t)
+    visible_key = ~key_pad[:, None, None, :]  # (B, 1, 1, T)
+
+    @jax.checkpoint
+    def one_block(args):
+        qi, start = args
+        causal = keys[None, :] <= (start + jnp.arange(block))[:, None]  # (block, T)
+        return _xla_attention(qi, k, v, causal[None, None] & visible_key)
+
+    out = jax.lax.map(one_block, (qb, jnp.arange(nb) * block))  # (nb, B, block, N, H|C)
+    return jnp.moveaxis(out, 0, 1).reshape(b, nb * block, n, out.shape[-1])[:, :t]
 
 
 def _cudnn_attention(q, k, v, key_pad, window):

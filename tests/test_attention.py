@@ -19,7 +19,7 @@ N_HEADS, HEAD_DIM = 2, 8
 ATOL = 2e-5
 
 swa = jax.jit(sliding_window_attention, static_argnames=("window", "implementation"))
-causal = jax.jit(causal_attention, static_argnames=("window", "implementation"))
+causal = jax.jit(causal_attention, static_argnames=("window", "implementation", "query_block"))
 cross = jax.jit(segment_cross_attention, static_argnames=("num_rows_visible",))
 
 
@@ -147,6 +147,40 @@ def test_causal_attention_matches_loop_reference(t, window, case):
     out = np.asarray(causal(q, k, v, jnp.asarray(key_pad), window=window))
     ref = ref_window_attention(q, k, v, key_pad, window)
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t,block", [(30, 4), (9, 4), (33, 16), (17, 1)])
+@pytest.mark.parametrize("case", ["full_ragged_allpad", "len1_ragged_full", "scattered"])
+def test_query_blocked_causal_attention_matches_loop_reference(t, block, case):
+    """Full causal attention over more than 2 query blocks runs block by block (T not a multiple of the block)."""
+    key_pad = pad_cases(t, seed=t * 7 + block)[case]
+    q, k, v = qkv(t * 5 + block, 3, t)
+    out = np.asarray(causal(q, k, v, jnp.asarray(key_pad), query_block=block))
+    np.testing.assert_allclose(out, ref_window_attention(q, k, v, key_pad, 0), atol=ATOL, rtol=1e-5)
+
+
+def test_query_blocked_attention_with_a_shared_value_head_and_its_gradients():
+    """Latent attention's form (one value head of its own width shared by every head): blocked == dense, values
+    and gradients of q, k and v, with ragged, all-PAD and length-1 rows."""
+    t, c = 21, 5
+    key_pad = jnp.asarray(suffix_pad([t, 0, 1], t))
+    q, k, _ = qkv(91, 3, t)
+    v = np.random.default_rng(3).standard_normal((3, t, 1, c)).astype(np.float32)
+    cot = np.random.default_rng(4).standard_normal((3, t, N_HEADS, c)).astype(np.float32)
+
+    @functools.partial(jax.jit, static_argnames="block")
+    def run(q, k, v, block):
+        f = functools.partial(causal_attention, key_pad=key_pad, query_block=block)
+        out, vjp = jax.vjp(lambda a, b, c: f(a, b, c), q, k, v)
+        return out, vjp(cot)
+
+    dense, dense_grads = run(q, k, v, t)  # one block: the dense form
+    blocked, blocked_grads = run(q, k, v, 4)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(dense), atol=ATOL, rtol=1e-5)
+    for g, want in zip(blocked_grads, dense_grads):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(want), atol=1e-4, rtol=1e-4)
+    assert np.any(np.asarray(blocked_grads[2]) != 0)
 
 
 def cross_inputs(seed, t, r, c):
