@@ -2,7 +2,8 @@
 
 Kernels (pure functions, inputs (B, T, N, H), `key_pad` True at PAD):
   - `sliding_window_attention`: causal, position t sees keys [t-W+1, t], never PAD keys. Queries are blocked into
-    chunks of C that each see the C + W keys ending with the chunk, so cost and memory grow linearly in S.
+    chunks of C that each see the C + W keys ending with the chunk, so cost and memory grow linearly in S; long
+    rows run the chunks in groups (lax.map, rematerialized) so that one group's scores are alive at a time.
     With implementation 'cudnn' the plain call with `local_window_size` is used instead (cuDNN skips masked tiles).
   - `causal_attention`: full causal, never PAD keys (top transformer; expander with d_window = 0).
   - `segment_cross_attention`: each query sees a small per-query set of memory rows (the rows of its own segment and
@@ -143,13 +144,31 @@ def _cudnn_attention(q, k, v, key_pad, window):
     return jnp.where(key_pad[:, :, None, None], jnp.zeros((), out.dtype), out)
 
 
-def sliding_window_attention(q, k, v, key_pad, *, window: int, implementation: str = "xla", block: int | None = None):
+# Blocked sliding-window attention keeps at most about this many scores (B x blocks x N x C x (C+W) elements) alive at
+# once: longer rows run in groups of query blocks (lax.map), each rematerialized in the backward pass.
+WINDOW_SCORE_ELEMENTS = 1 << 22
+
+
+def window_groups(num_blocks: int, scores: int, budget: int = WINDOW_SCORE_ELEMENTS) -> int:
+    """The fewest groups, a divisor of num_blocks, that keep each group's share of `scores` within `budget`."""
+    for g in range(1, num_blocks + 1):
+        if num_blocks % g == 0 and scores <= budget * g:
+            return g
+    return num_blocks
+
+
+def sliding_window_attention(
+    q, k, v, key_pad, *, window: int, implementation: str = "xla", block: int | None = None, budget: int | None = None
+):
     """Causal sliding-window attention, linear in T.
 
     q, k: (B, T, N, H); v: (B, T, N, H) or one shared head (B, T, 1, C); key_pad: (B, T) True at PAD. Position t
     attends to keys [t-window+1, t] that are not PAD.
     Queries are cut into blocks of C (default window // 4, at least 16); each block attends to the C + window keys
     that end with it, so the work per query is (C + window) keys instead of the 2 * window of window-sized blocks.
+    When the blocks' scores exceed `budget` elements (default WINDOW_SCORE_ELEMENTS), the blocks run in equal groups
+    one after another (lax.map), each group under jax.checkpoint: one group's scores are alive at a time, in the
+    forward and the backward pass, and its scores are recomputed in the backward pass. Same values.
     """
     b, t, n, h = q.shape
     if implementation == "cudnn":
@@ -166,16 +185,26 @@ def sliding_window_attention(q, k, v, key_pad, *, window: int, implementation: s
     kv_pad = ((0, 0), (w, pad_t), (0, 0), (0, 0))
     kp, vp = jnp.pad(k, kv_pad), jnp.pad(v, kv_pad)
     padp = jnp.pad(key_pad, ((0, 0), (w, pad_t)), constant_values=True)
-    idx = jnp.arange(nb)[:, None] * c + jnp.arange(c + w)[None, :]  # (nb, C+W): block i sees [i*C - W, i*C + C)
-    kb = kp[:, idx].reshape(b * nb, c + w, n, h)
-    vb = vp[:, idx].reshape(b * nb, c + w, *v.shape[2:])
-    # Query i of a block (absolute i0 + i) sees key j (absolute i0 - W + j) iff i < j <= i + W.
-    i = jnp.arange(c)[:, None]
-    j = jnp.arange(c + w)[None, :]
-    band = (j > i) & (j <= i + w)  # (C, C+W)
-    mask = band[None, None] & ~padp[:, idx][:, :, None, :]  # (B, nb, C, C+W)
-    out = _xla_attention(q.reshape(b * nb, c, n, h), kb, vb, mask.reshape(b * nb, 1, c, c + w))
-    return out.reshape(b, nb * c, n, out.shape[-1])[:, :t]
+
+    def blocks(qg, first, count: int):  # query blocks [first, first + count): qg (B, count * C, N, H)
+        idx = (first + jnp.arange(count))[:, None] * c + jnp.arange(c + w)[None, :]  # block i sees [i*C - W, i*C + C)
+        kb = kp[:, idx].reshape(b * count, c + w, n, h)
+        vb = vp[:, idx].reshape(b * count, c + w, *v.shape[2:])
+        # Query i of a block (absolute i0 + i) sees key j (absolute i0 - W + j) iff i < j <= i + W.
+        i = jnp.arange(c)[:, None]
+        j = jnp.arange(c + w)[None, :]
+        band = (j > i) & (j <= i + w)  # (C, C+W)
+        mask = band[None, None] & ~padp[:, idx][:, :, None, :]  # (B, count, C, C+W)
+        out = _xla_attention(qg.reshape(b * count, c, n, h), kb, vb, mask.reshape(b * count, 1, c, c + w))
+        return out.reshape(b, count * c, n, out.shape[-1])
+
+    groups = window_groups(nb, b * nb * n * c * (c + w), budget or WINDOW_SCORE_ELEMENTS)
+    if groups == 1:
+        return blocks(q, 0, nb)[:, :t]
+    per = nb // groups
+    qg = jnp.moveaxis(q.reshape(b, groups, per * c, n, h), 1, 0)  # (G, B, per * C, N, H)
+    out = jax.lax.map(jax.checkpoint(lambda a: blocks(a[0], a[1] * per, per)), (qg, jnp.arange(groups)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, nb * c, n, out.shape[-1])[:, :t]
 
 
 def visible_rows(q_row, row_valid, num_rows_visible: int):

@@ -13,12 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from abstractinator_jax.attention import causal_attention, segment_cross_attention, sliding_window_attention
+from abstractinator_jax.attention import (
+    causal_attention,
+    segment_cross_attention,
+    sliding_window_attention,
+    window_groups,
+)
 
 N_HEADS, HEAD_DIM = 2, 8
 ATOL = 2e-5
 
-swa = jax.jit(sliding_window_attention, static_argnames=("window", "implementation"))
+swa = jax.jit(sliding_window_attention, static_argnames=("window", "implementation", "budget"))
 causal = jax.jit(causal_attention, static_argnames=("window", "implementation", "query_block"))
 cross = jax.jit(segment_cross_attention, static_argnames=("num_rows_visible",))
 
@@ -124,6 +129,58 @@ def test_sliding_window_matches_loop_reference(t, window, case):
     # Queries with no visible key are exactly zero (an all-PAD row in particular), not merely small.
     if case == "full_ragged_allpad":
         assert np.all(out[2] == 0.0)
+
+
+# (T, window): blocks of C = max(16, W // 4) capped at W; budgets that split them into 2, 3 or one group per block.
+GROUPED_SHAPES = [(40, 6, 2 * 3 * N_HEADS * 6 * 12), (70, 16, 1), (49, 16, 3 * 2 * N_HEADS * 16 * 32)]
+
+
+@pytest.mark.parametrize("t,window,budget", GROUPED_SHAPES)
+@pytest.mark.parametrize("case", ["full_ragged_allpad", "len1_ragged_full", "scattered"])
+def test_grouped_sliding_window_matches_loop_reference(t, window, budget, case):
+    """Blocks whose scores exceed the budget run in groups (lax.map, rematerialized): the loop reference's values."""
+    key_pad = pad_cases(t, seed=t * 11 + window)[case]
+    q, k, v = qkv(t * 3 + window, 3, t)
+    out = np.asarray(swa(q, k, v, jnp.asarray(key_pad), window=window, budget=budget))
+    np.testing.assert_allclose(out, ref_window_attention(q, k, v, key_pad, window), atol=ATOL, rtol=1e-5)
+    if case == "full_ragged_allpad":
+        assert np.all(out[2] == 0.0)
+
+
+def test_window_groups_divide_the_blocks_within_the_budget():
+    assert window_groups(64, 21_000_000, 1 << 22) == 8  # 5 would do by size, but must divide 64
+    assert window_groups(16, 100, 1 << 22) == 1
+    assert window_groups(7, 10**9, 1) == 7  # one block per group at most
+    for blocks, scores, budget in [(12, 1000, 90), (30, 7, 1), (9, 90, 30)]:
+        g = window_groups(blocks, scores, budget)
+        assert blocks % g == 0 and (scores <= budget * g or g == blocks)
+        assert all(blocks % h or scores > budget * h for h in range(1, g))
+
+
+def test_grouped_sliding_window_with_a_shared_value_head_and_its_gradients():
+    """Latent attention's form (one shared value head of its own width): grouped == one group, values and gradients
+    of q, k and v, with ragged, all-PAD and length-1 rows; PAD keys get no gradient."""
+    t, window, c = 45, 8, 5
+    key_pad = jnp.asarray(suffix_pad([t, 0, 1], t))
+    q, k, _ = qkv(17, 3, t)
+    v = np.random.default_rng(5).standard_normal((3, t, 1, c)).astype(np.float32)
+    cot = np.random.default_rng(6).standard_normal((3, t, N_HEADS, c)).astype(np.float32)
+
+    @functools.partial(jax.jit, static_argnames="budget")
+    def run(q, k, v, budget):
+        f = functools.partial(sliding_window_attention, key_pad=key_pad, window=window, budget=budget)
+        out, vjp = jax.vjp(lambda a, b, c: f(a, b, c), q, k, v)
+        return out, vjp(cot)
+
+    whole, whole_grads = run(q, k, v, 1 << 30)
+    grouped, grouped_grads = run(q, k, v, 1)  # one block per group
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(whole), atol=ATOL, rtol=1e-5)
+    for g, want in zip(grouped_grads, whole_grads):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(want), atol=1e-4, rtol=1e-4)
+    pad = np.asarray(key_pad)
+    assert np.all(np.asarray(grouped_grads[1])[pad] == 0.0) and np.all(np.asarray(grouped_grads[2])[pad] == 0.0)
+    assert np.any(np.asarray(grouped_grads[2]) != 0)
 
 
 def test_sliding_window_is_not_full_causal():
