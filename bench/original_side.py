@@ -386,9 +386,23 @@ class Original:
         torch.manual_seed(cfg.get("seed", 0))
         self.cfg = cfg
         self.model, self.top = build(cfg)
+        if cfg.get("stage") == 2:
+            self.freeze_levels()
         self.step_model = torch.compile(self.model) if compile_model else self.model
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg["learning_rate"])
         self.w_top = cfg["top_lm_loss_weight"] * cfg["top_lm_mse_weight"]
+
+    def freeze_levels(self) -> None:
+        """Stage 2 (the original's train.py with --load_base_from): its pyramid is loaded with
+        load_base_components(freeze=True), which sets requires_grad=False and eval mode on the loaded compressors and
+        expanders, and the train loop keeps them in eval mode; the optimizer takes the parameters that still need a
+        gradient (the top transformer's). At e38a88d both name model.compressors / model.expanders, which the pyramid
+        no longer has (its own TODO says so: they live under model.levels), so that path stops with an
+        AttributeError; here the same freezing is applied to model.levels. The forward still runs every level
+        (compressor and expander, without autograd) and loss_total, as its train step does."""
+        for level in self.model.levels:
+            level.requires_grad_(False)
+            level.eval()
 
     def loss(self, ids, kpm):
         out = self.step_model(ids, key_padding_mask=kpm)

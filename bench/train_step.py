@@ -91,6 +91,7 @@ def run_fields(args, cfg, state, compile_s: float) -> dict:
         "top_row_buckets": cfg.top_row_buckets if cfg.use_top_code_lm else None,
         "batch_size": args.batch_size,
         "sequence_length": args.sequence_length,
+        "c_output_length": cfg.levels[0].c_output_length,
         "parameters": train_state.count_params(state.params),
         "compile_s": round(compile_s, 2),
     }
@@ -115,6 +116,7 @@ def main():
     ap.add_argument("--remat", default=None, help="none, block or dots (default: the config's)")
     ap.add_argument("--top", action="store_true", help="train the config's top transformer too (use_top_code_lm)")
     ap.add_argument("--top_row_buckets", type=int, default=None, help="the top's row buckets (default: the config's)")
+    ap.add_argument("--c_output_length", type=int, default=None, help="level 0's segment slots (default: the config's)")
     ap.add_argument(
         "--compile_only", action="store_true", help="compile and report memory only (deterministic on a busy machine)"
     )
@@ -136,6 +138,8 @@ def main():
         cfg.use_top_code_lm = True
     if args.top_row_buckets:
         cfg.top_row_buckets = args.top_row_buckets
+    if args.c_output_length:
+        cfg.levels[0].c_output_length = args.c_output_length
     validate_config(cfg)
 
     mesh = make_mesh(cfg.mesh)

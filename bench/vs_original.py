@@ -28,6 +28,11 @@ Then (modes):
     # segmentation (PASS/FAIL)
     python bench/vs_original.py --check --config configs/stage1_super_tiny.py --batch_size 2 --sequence_length 128
 
+    # stage 2 (a stage-2 config): the top transformer trained over a frozen stage-1 pyramid; ours loads the
+    # pyramid of a stage-1 run of the same levels (its init_from), the original freezes its own (segmentation forced)
+    python bench/vs_original.py --config configs/stage2_super_tiny.py --trained_workdir runs/stage1 \
+        --batch_size 8 --sequence_length 512 --rounds 3 --steps_per_round 2
+
 `--top` trains the config's top transformer in stage 1 on both sides (the original's experiments/tiny.py does; our
 configs/tiny.py leaves it to `--config.use_top_code_lm=True`); `--top_row_buckets N` sets our top's row buckets.
 
@@ -209,8 +214,20 @@ def prepare(args):
         cfg.use_top_code_lm = True
     if args.top_row_buckets:
         cfg.top_row_buckets = args.top_row_buckets
+    if args.c_output_length:
+        cfg.levels[0].c_output_length = args.c_output_length
     if cfg.stage == 2:
-        sys.exit("error: compare stage-1 configs (the original's stage 2 trains on a frozen, loaded pyramid).")
+        # stage 2 trains the top over a frozen stage-1 pyramid: ours loads --trained_workdir as its init_from, the
+        # original keeps its own random pyramid, frozen, with level 0's boundaries forced to ours
+        if not args.trained_workdir:
+            sys.exit("error: a stage-2 config needs --trained_workdir <a stage-1 run of its levels> (its init_from).")
+        if getattr(args, "components", False):
+            sys.exit("error: --components times stage-1 parts; a stage-2 step is the frozen pyramid + the top.")
+        cfg.init_from = args.trained_workdir
+        args.segmentation = "trained"
+    elif args.trained_workdir and args.segmentation != "trained":
+        sys.exit("error: --trained_workdir needs --segmentation trained (a stage-1 config).")
+    args.stage2 = cfg.stage == 2
     if getattr(args, "segmentation", "init") == "trained" and len(cfg.levels) > 1:
         sys.exit("error: --segmentation trained forces level 0's boundaries only: use a one-level config.")
     validate_config(cfg)
@@ -276,6 +293,20 @@ def restore_trained(cfg, workdir: str):
     return run, state, {"trained_step": int(step), "trained_config_differs_in": slots + unchecked}
 
 
+def stage2_state(cfg):
+    """(build(cfg)'s Run, stage 2's first train state, info) as train.py starts stage 2: a fresh top transformer and
+    its optimizer state over the frozen pyramid (parameters and quantizer state) of cfg.init_from, after checking
+    that it is a stage-1 run of this config's levels."""
+    from abstractinator_jax import train_state
+    from abstractinator_jax.build import build, check_init_from, load_stage1
+
+    run = build(cfg)
+    init_from = check_init_from(cfg)
+    state, _ = train_state.create_train_state(cfg, run.model, run.mesh, run.optimizer)
+    state = load_stage1(init_from, run, state)
+    return run, state, {"init_from": init_from[0], "init_from_step": int(init_from[1])}
+
+
 def ours_setup(cfg, ids, trained_workdir: str | None = None):
     """(mesh, model, optimizer, state, the compiled train step, batch, info) of our side: at initialisation, or with
     `trained_workdir` the state of its latest checkpoint (restore_trained; info: its step and the config settings
@@ -288,7 +319,10 @@ def ours_setup(cfg, ids, trained_workdir: str | None = None):
     from abstractinator_jax.sharding import make_mesh
 
     info = {}
-    if trained_workdir:
+    if cfg.stage == 2:
+        run, state, info = stage2_state(cfg)
+        mesh, model, opt, shardings = run.mesh, run.model, run.optimizer, run.shardings
+    elif trained_workdir:
         run, state, info = restore_trained(cfg, trained_workdir)
         mesh, model, opt, shardings = run.mesh, run.model, run.optimizer, run.shardings
     else:
@@ -341,7 +375,13 @@ def align_segmentation(args, theirs, model, state, mesh, ids, ids_path) -> dict:
     original = theirs.ask(cmd="segmentation", ids=ids_path, force=force)
     if force and not (original["matches_forced"] and original["segments"] == ours["segments"]):
         sys.exit(f"error: forcing the original's segmentation failed: ours {ours}, the original's {original}.")
-    if args.segmentation == "trained":
+    if args.segmentation == "trained" and args.stage2:
+        note = (
+            f"stage 2. Ours: the frozen pyramid (parameters and quantizer state) of {args.trained_workdir} and a fresh "
+            "top transformer; the original: its own random pyramid, frozen as its load_base_components(freeze=True) "
+            "freezes a loaded one, with its level-0 boundaries forced to ours for this batch, and a fresh top"
+        )
+    elif args.segmentation == "trained":
         note = (
             f"ours: the parameters and quantizer state of {args.trained_workdir} (step {int(state.step)}); the "
             "original: its own random initialisation (ours cannot be loaded into it), with its level-0 boundaries "
@@ -399,6 +439,7 @@ def run(args) -> dict:
     n_bytes = ids.size
     return {
         "config": os.path.basename(args.config),
+        "stage": 2 if args.stage2 else 1,
         "batch_size": args.batch_size,
         "sequence_length": args.sequence_length,
         "torch": theirs.info.get("torch"),
@@ -638,11 +679,20 @@ def main():
         help="init: both sides at random initialisation, each with its own segmentation; trained: ours restored from "
         "--trained_workdir, the original (its own init) forced to our level-0 segmentation of the batch",
     )
-    ap.add_argument("--trained_workdir", help="--segmentation trained: a train.py run of this config (read only)")
+    ap.add_argument(
+        "--trained_workdir",
+        help="--segmentation trained: a train.py run of this config (read only); a stage-2 config: its stage-1 run",
+    )
     ap.add_argument("--components", action="store_true", help="per-component forward+backward times of both sides")
     ap.add_argument("--reps", type=int, default=5, help="--components: timed repetitions per part (median)")
     ap.add_argument("--top", action="store_true", help="both sides train the config's top transformer (stage 1)")
     ap.add_argument("--top_row_buckets", type=int, default=None, help="ours: the top's row buckets (config's default)")
+    ap.add_argument(
+        "--c_output_length",
+        type=int,
+        default=None,
+        help="both sides: level 0's segment slots per row (the config's by default; scale it with the sequence length)",
+    )
     ap.add_argument("--check", action="store_true", help="check the original's exact attention modes (PASS/FAIL)")
     ap.add_argument("--check_steps", type=int, default=20, help="--check: train steps on the repeated batch")
     args = ap.parse_args()
@@ -653,8 +703,8 @@ def main():
         sys.exit("error: pass --config (or --setup).")
     if args.check:
         sys.exit(check(args))
-    if (args.segmentation == "trained") != bool(args.trained_workdir):
-        sys.exit("error: --segmentation trained needs --trained_workdir, and --trained_workdir needs it.")
+    if args.segmentation == "trained" and not args.trained_workdir:
+        sys.exit("error: --segmentation trained needs --trained_workdir.")
     if args.components and args.torch_compile:
         sys.exit("error: --components runs the original eagerly (its top transformer's own @torch.compile aside).")
     print(json.dumps(components(args) if args.components else run(args)))
