@@ -161,21 +161,11 @@ def errors(a, ref) -> dict:
 
 
 def timed(fn, *args, warmup: int = 2, reps: int = 5) -> tuple[float, object]:
-    """Median seconds of fn(*args) (synchronised) after `warmup` calls, and the last output."""
-    import jax
-    import numpy as np
+    """Median seconds of fn(*args) (synchronised) after `warmup` calls, and the last output: bench/train_step.py's,
+    imported in the section's own process (importing it loads jax)."""
+    from train_step import timed as train_step_timed
 
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), out
+    return train_step_timed(fn, *args, warmup=warmup, reps=reps)
 
 
 def device_memory() -> dict:

@@ -78,6 +78,20 @@ def timed(fn, *args, warmup: int = 2, reps: int = 5):
     return float(np.median(times)), out
 
 
+def apply_overrides(cfg, args) -> None:
+    """The config settings a benchmark's flags override (bench/vs_original.py takes the same ones): --top,
+    --top_row_buckets, --c_output_length, and where the benchmark has them --dtype, --attention_impl, --remat."""
+    for key in ("dtype", "attention_impl", "remat"):
+        if getattr(args, key, None):
+            cfg[key] = getattr(args, key)
+    if args.top:
+        cfg.use_top_code_lm = True
+    if args.top_row_buckets:
+        cfg.top_row_buckets = args.top_row_buckets
+    if args.c_output_length:
+        cfg.levels[0].c_output_length = args.c_output_length
+
+
 def run_fields(args, cfg, state, compile_s: float) -> dict:
     """The fields every result line starts with: what ran, and how long it took to compile."""
     return {
@@ -128,18 +142,7 @@ def main():
     cfg.batch_size = args.batch_size
     cfg.sequence_length = args.sequence_length
     cfg.gradient_accumulation_steps = 1
-    if args.dtype:
-        cfg.dtype = args.dtype
-    if args.attention_impl:
-        cfg.attention_impl = args.attention_impl
-    if args.remat:
-        cfg.remat = args.remat
-    if args.top:
-        cfg.use_top_code_lm = True
-    if args.top_row_buckets:
-        cfg.top_row_buckets = args.top_row_buckets
-    if args.c_output_length:
-        cfg.levels[0].c_output_length = args.c_output_length
+    apply_overrides(cfg, args)
     validate_config(cfg)
 
     mesh = make_mesh(cfg.mesh)

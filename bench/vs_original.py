@@ -202,7 +202,7 @@ class OriginalSide:
 def prepare(args):
     """(config, its JSON-able dict, the real-text batch (B, S) int32 and its .npy path) for these arguments."""
     import numpy as np
-    from train_step import real_batch
+    from train_step import apply_overrides, real_batch
 
     from abstractinator_jax.cli import load_config_file
     from abstractinator_jax.config import to_dict, validate_config
@@ -210,12 +210,7 @@ def prepare(args):
     cfg = load_config_file(args.config)
     cfg.batch_size, cfg.sequence_length, cfg.gradient_accumulation_steps = args.batch_size, args.sequence_length, 1
     cfg.dtype = "float32"
-    if args.top:
-        cfg.use_top_code_lm = True
-    if args.top_row_buckets:
-        cfg.top_row_buckets = args.top_row_buckets
-    if args.c_output_length:
-        cfg.levels[0].c_output_length = args.c_output_length
+    apply_overrides(cfg, args)
     if cfg.stage == 2:
         # stage 2 trains the top over a frozen stage-1 pyramid: ours loads --trained_workdir as its init_from, the
         # original keeps its own random pyramid, frozen, with level 0's boundaries forced to ours

@@ -157,30 +157,45 @@ def test_window_groups_divide_the_blocks_within_the_budget():
         assert all(blocks % h or scores > budget * h for h in range(1, g))
 
 
-def test_grouped_sliding_window_with_a_shared_value_head_and_its_gradients():
-    """Latent attention's form (one shared value head of its own width): grouped == one group, values and gradients
-    of q, k and v, with ragged, all-PAD and length-1 rows; PAD keys get no gradient."""
-    t, window, c = 45, 8, 5
-    key_pad = jnp.asarray(suffix_pad([t, 0, 1], t))
-    q, k, _ = qkv(17, 3, t)
-    v = np.random.default_rng(5).standard_normal((3, t, 1, c)).astype(np.float32)
-    cot = np.random.default_rng(6).standard_normal((3, t, N_HEADS, c)).astype(np.float32)
+def _shared_value_case(seed: int, t: int, c: int = 5):
+    """Latent attention's inputs: q, k (3, T, N, H), one value head of its own width v (3, T, 1, c), a cotangent of
+    the output, and ragged / all-PAD / length-1 rows."""
+    q, k, _ = qkv(seed, 3, t)
+    v = np.random.default_rng(seed + 1).standard_normal((3, t, 1, c)).astype(np.float32)
+    cot = np.random.default_rng(seed + 2).standard_normal((3, t, N_HEADS, c)).astype(np.float32)
+    return q, k, v, cot, jnp.asarray(suffix_pad([t, 0, 1], t))
 
-    @functools.partial(jax.jit, static_argnames="budget")
-    def run(q, k, v, budget):
-        f = functools.partial(sliding_window_attention, key_pad=key_pad, window=window, budget=budget)
-        out, vjp = jax.vjp(lambda a, b, c: f(a, b, c), q, k, v)
+
+def _assert_same_values_and_gradients(fn, q, k, v, cot, variant, reference):
+    """fn(q, k, v, setting) computed with setting=variant equals it with setting=reference: values and the q/k/v
+    gradients of <out, cot> (finite, the value gradient not all zero). Returns the variant's gradients."""
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def run(q, k, v, setting):
+        out, vjp = jax.vjp(lambda a, b, c: fn(a, b, c, setting), q, k, v)
         return out, vjp(cot)
 
-    whole, whole_grads = run(q, k, v, 1 << 30)
-    grouped, grouped_grads = run(q, k, v, 1)  # one block per group
-    np.testing.assert_allclose(np.asarray(grouped), np.asarray(whole), atol=ATOL, rtol=1e-5)
-    for g, want in zip(grouped_grads, whole_grads):
+    want, want_grads = run(q, k, v, reference)
+    got, grads = run(q, k, v, variant)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
         assert np.all(np.isfinite(np.asarray(g)))
-        np.testing.assert_allclose(np.asarray(g), np.asarray(want), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+    assert np.any(np.asarray(grads[2]) != 0)
+    return [np.asarray(g) for g in grads]
+
+
+def test_grouped_sliding_window_with_a_shared_value_head_and_its_gradients():
+    """Latent attention's form (one shared value head of its own width): grouped (one block per group) == one
+    group, values and gradients of q, k and v, with ragged, all-PAD and length-1 rows; PAD keys get no gradient."""
+    q, k, v, cot, key_pad = _shared_value_case(17, 45)
+
+    def fn(q, k, v, budget):
+        return sliding_window_attention(q, k, v, key_pad, window=8, budget=budget)
+
+    _, gk, gv = _assert_same_values_and_gradients(fn, q, k, v, cot, 1, 1 << 30)
     pad = np.asarray(key_pad)
-    assert np.all(np.asarray(grouped_grads[1])[pad] == 0.0) and np.all(np.asarray(grouped_grads[2])[pad] == 0.0)
-    assert np.any(np.asarray(grouped_grads[2]) != 0)
+    assert np.all(gk[pad] == 0.0) and np.all(gv[pad] == 0.0)
 
 
 def test_sliding_window_is_not_full_causal():
@@ -219,25 +234,13 @@ def test_query_blocked_causal_attention_matches_loop_reference(t, block, case):
 def test_query_blocked_attention_with_a_shared_value_head_and_its_gradients():
     """Latent attention's form (one value head of its own width shared by every head): blocked == dense, values
     and gradients of q, k and v, with ragged, all-PAD and length-1 rows."""
-    t, c = 21, 5
-    key_pad = jnp.asarray(suffix_pad([t, 0, 1], t))
-    q, k, _ = qkv(91, 3, t)
-    v = np.random.default_rng(3).standard_normal((3, t, 1, c)).astype(np.float32)
-    cot = np.random.default_rng(4).standard_normal((3, t, N_HEADS, c)).astype(np.float32)
+    t = 21
+    q, k, v, cot, key_pad = _shared_value_case(91, t)
 
-    @functools.partial(jax.jit, static_argnames="block")
-    def run(q, k, v, block):
-        f = functools.partial(causal_attention, key_pad=key_pad, query_block=block)
-        out, vjp = jax.vjp(lambda a, b, c: f(a, b, c), q, k, v)
-        return out, vjp(cot)
+    def fn(q, k, v, block):
+        return causal_attention(q, k, v, key_pad, query_block=block)
 
-    dense, dense_grads = run(q, k, v, t)  # one block: the dense form
-    blocked, blocked_grads = run(q, k, v, 4)
-    np.testing.assert_allclose(np.asarray(blocked), np.asarray(dense), atol=ATOL, rtol=1e-5)
-    for g, want in zip(blocked_grads, dense_grads):
-        assert np.all(np.isfinite(np.asarray(g)))
-        np.testing.assert_allclose(np.asarray(g), np.asarray(want), atol=1e-4, rtol=1e-4)
-    assert np.any(np.asarray(blocked_grads[2]) != 0)
+    _assert_same_values_and_gradients(fn, q, k, v, cot, 4, t)  # against one block: the dense form
 
 
 def cross_inputs(seed, t, r, c):
