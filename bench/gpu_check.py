@@ -110,34 +110,15 @@ def is_oom(text: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def corpus() -> bytes:
-    """English text that every Python has (CPython's bundled documentation topics, ~0.5 MB); random letters if not."""
-    try:
-        from pydoc_data.topics import topics
-
-        return "\n".join(topics[k] for k in sorted(topics)).encode()
-    except Exception:
-        import numpy as np
-
-        rng = np.random.default_rng(0)
-        return bytes(rng.choice(list(b"etaoin shrdlu cmfwyp"), 1 << 20).tolist())
-
-
 def text_rows(b: int, s: int, seed: int = 0, pad_rows: dict | None = None):
-    """(B, S) int32 rows of real bytes: BOS, text, EOS; row i of `pad_rows` {i: length} ends with EOS at length - 1
-    and is PAD after it (PAD a suffix of the row, as the data pipeline makes it)."""
-    import numpy as np
+    """(B, S) int32 rows of real bytes (bench/train_step.py's real_batch: TinyStories beside the repository, else
+    CPython's bundled documentation): BOS, text, EOS; row i of `pad_rows` {i: length} ends with EOS at length - 1 and
+    is PAD after it (PAD a suffix of the row, as the data pipeline makes it)."""
+    from train_step import real_batch
 
-    from abstractinator_jax.config import BOS_ID, EOS_ID, PAD_ID
+    from abstractinator_jax.config import EOS_ID, PAD_ID
 
-    text = corpus()
-    rng = np.random.default_rng(seed)
-    rows = np.empty((b, s), np.int32)
-    for i in range(b):
-        start = int(rng.integers(0, len(text) - s))
-        rows[i] = np.frombuffer(text[start : start + s], np.uint8)
-    rows[:, 0] = BOS_ID
-    rows[:, -1] = EOS_ID
+    rows = real_batch(b, s, seed=seed)
     for i, n in (pad_rows or {}).items():
         rows[i, n - 1] = EOS_ID
         rows[i, n:] = PAD_ID
