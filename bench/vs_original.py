@@ -294,9 +294,13 @@ def stage2_state(cfg):
     that it is a stage-1 run of this config's levels."""
     from abstractinator_jax import train_state
     from abstractinator_jax.build import build, check_init_from, load_stage1
+    from abstractinator_jax.checkpointing import CheckpointError
 
     run = build(cfg)
-    init_from = check_init_from(cfg)
+    try:
+        init_from = check_init_from(cfg)
+    except CheckpointError as e:
+        sys.exit(f"error: --trained_workdir {cfg.init_from}: {e}")
     state, _ = train_state.create_train_state(cfg, run.model, run.mesh, run.optimizer)
     state = load_stage1(init_from, run, state)
     return run, state, {"init_from": init_from[0], "init_from_step": int(init_from[1])}

@@ -18,6 +18,6 @@ def get_config():
     c.use_top_code_lm = True  # only the top transformer trains
     # The step is mostly the top transformer, whose cost follows the rows it runs over: 16 row buckets (steps of 32
     # slots) fit a trained pyramid's ~200 rows per 512 bytes more tightly than 8 (B=8, S=512: 1.24 s per step
-    # instead of 1.38 s, BENCHMARKS.md). Only the top compiles per bucket here, so the extra buckets cost little.
+    # instead of 1.38 s, BENCHMARKS.md). Each bucket is a compiled branch of the top transformer alone.
     c.top_row_buckets = 16
     return c
