@@ -1,11 +1,13 @@
-"""Attention forms of docs/ARCHITECTURE.md 3.1, on `jax.nn.dot_product_attention`.
+"""Attention forms of docs/ARCHITECTURE.md 3.1: softmax attention in XLA (`_softmax_attention`), and on a CUDA GPU
+jax.nn.dot_product_attention's cuDNN kernel.
 
 Kernels (pure functions, inputs (B, T, N, H), `key_pad` True at PAD):
   - `sliding_window_attention`: causal, position t sees keys [t-W+1, t], never PAD keys. Queries are blocked into
     chunks of C that each see the C + W keys ending with the chunk, so cost and memory grow linearly in S; long
     rows run the chunks in groups (lax.map, rematerialized) so that one group's scores are alive at a time.
     With implementation 'cudnn' the plain call with `local_window_size` is used instead (cuDNN skips masked tiles).
-  - `causal_attention`: full causal, never PAD keys (top transformer; expander with d_window = 0).
+  - `causal_attention`: full causal, never PAD keys (top transformer; expander with d_window = 0). Long rows run by
+    query blocks, each against the keys up to its end: the causal half of the scores.
   - `segment_cross_attention`: each query sees a small per-query set of memory rows (the rows of its own segment and
     `lookback` segments before it), gathered so that cost is linear in S.
 The two self-attention kernels also take one value head shared by every query head, of its own width
@@ -47,23 +49,33 @@ def _shares_value(k, v) -> bool:
     return v.shape[2] != k.shape[2] or v.shape[-1] != k.shape[-1]
 
 
-def _shared_value_attention(q, k, v, mask):
-    """q, k: (B, T|S, N, R); v: (B, S, 1, C) shared by every head -> (B, T, N, C). Scores scaled by 1/sqrt(R) and
-    softmaxed in float32, as dot_product_attention does; the shared value is never copied per head."""
+def _softmax_attention(q, k, v, mask):
+    """q, k: (B, T|S, N, R); v: (B, S, N, H) or one value head shared by every head (B, S, 1, C); mask broadcastable
+    to (B, N, T, S) -> (B, T, N, H|C). Scores scaled by 1/sqrt(R), softmax statistics and sums in float32; a shared
+    value is never copied per head.
+
+    The softmax is normalized after the weighted sum: out = (exp(s - max) @ v) / sum(exp(s - max)), which divides
+    (T, H) outputs instead of (T, S) probabilities, and whose backward pass has no (T, S) division either (the max
+    is a constant to the gradient: the softmax does not depend on it). About half the time of the normalized form
+    (jax.nn.dot_product_attention 'xla') in forward + backward on CPU, same values."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("btnr,bsnr->bnts", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bsc->btnc", probs, v[:, :, 0])
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits - top)  # (B, N, T, S)
+    total = jnp.swapaxes(jnp.sum(weights, axis=-1), 1, 2)[..., None]  # (B, T, N, 1)
+    weights = weights.astype(v.dtype)  # the weighted sum in the values' dtype (XLA CPU has no bf16 x bf16 -> f32 dot)
+    if _shares_value(k, v):
+        out = jnp.einsum("bnts,bsc->btnc", weights, v[:, :, 0])
+    else:
+        out = jnp.einsum("bnts,bsnh->btnh", weights, v)
+    return (out.astype(jnp.float32) / total).astype(v.dtype)
 
 
 def _xla_attention(q, k, v, mask):
-    """dot_product_attention (XLA) with a boolean mask broadcastable to (B, N, T, S); zero output for empty rows.
+    """Softmax attention (XLA) with a boolean mask broadcastable to (B, N, T, S); zero output for empty rows.
     v may be one shared value head of its own width (B, S, 1, C) (latent attention): the output is then (B, T, N, C)."""
-    if _shares_value(k, v):
-        out = _shared_value_attention(q, k, v, mask)
-    else:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    out = _softmax_attention(q, k, v, mask)
     any_key = jnp.any(mask, axis=-1)  # (B|1, N|1, T)
     any_key = jnp.broadcast_to(any_key, (q.shape[0], any_key.shape[1], q.shape[1]))
     any_key = jnp.swapaxes(any_key, 1, 2)[..., None]  # (B, T, N|1, 1)
@@ -80,42 +92,54 @@ def banded_causal_mask(t: int, window: int) -> jax.Array:
     return allowed
 
 
-# Full causal attention over more than 2 blocks of this many queries runs block by block (`_query_blocked_attention`).
-QUERY_BLOCK = 128
+# Full causal attention over more than one block of queries runs block by block, each block against the keys up to
+# its last query: at least QUERY_BLOCK queries a block, and at most MAX_QUERY_BLOCKS blocks (bigger blocks for longer
+# rows: every block is a separate piece of the compiled program).
+QUERY_BLOCK = 64
+MAX_QUERY_BLOCKS = 8
+# When the blocks' scores (B x N x the causal half of T x T) exceed this many elements, each block is rematerialized.
+CAUSAL_SCORE_ELEMENTS = 1 << 24
 
 
-def causal_attention(q, k, v, key_pad, *, window: int = 0, implementation: str = "xla", query_block: int = QUERY_BLOCK):
-    """Causal attention (optionally banded to `window`); O(T^2) compute. Full causal attention (window 0) over more
-    than 2 * query_block queries keeps O(T * query_block) scores in memory instead of O(T^2)."""
+def causal_query_block(t: int) -> int:
+    """The query-block size of full causal attention over t queries: QUERY_BLOCK, or the multiple of 16 that keeps
+    the blocks to MAX_QUERY_BLOCKS."""
+    return max(QUERY_BLOCK, -(-t // (16 * MAX_QUERY_BLOCKS)) * 16)
+
+
+def causal_attention(
+    q, k, v, key_pad, *, window: int = 0, implementation: str = "xla", query_block: int | None = None, budget=None
+):
+    """Causal attention (optionally banded to `window`). Full causal attention (window 0) over more than one query
+    block (`query_block`, default `causal_query_block(T)`) computes only the causal half of the T x T scores
+    (`_causal_blocks`); a band is dense (T x T), for rows of up to twice the window (see sliding_window_attention)."""
     t = q.shape[1]
     if implementation == "cudnn":
         return _cudnn_attention(q, k, v, key_pad, window)
-    if window <= 0 and t > 2 * query_block:
-        return _query_blocked_attention(q, k, v, key_pad, query_block)
+    block = query_block or causal_query_block(t)
+    if window <= 0 and t > block:
+        return _causal_blocks(q, k, v, key_pad, block, budget or CAUSAL_SCORE_ELEMENTS)
     mask = banded_causal_mask(t, window)[None, None] & ~key_pad[:, None, None, :]
     return _xla_attention(q, k, v, mask)
 
 
-def _query_blocked_attention(q, k, v, key_pad, block: int):
-    """Full causal attention computed one block of `block` queries at a time (lax.map), each block against every key
-    and rematerialized in the backward pass (jax.checkpoint): the (B, N, block, T) scores of one block are the only
-    scores alive, where the dense form keeps several (B, N, T, T) arrays for the backward pass. Same values.
+def _causal_blocks(q, k, v, key_pad, block: int, budget: int):
+    """Full causal attention by blocks of `block` queries: block i (queries [i*block, (i+1)*block)) scores only the
+    keys [0, (i+1)*block), so about half of the T x T scores are computed (all of them less the blocks above the
+    diagonal). The blocks are unrolled (static shapes, each its own key length); when their scores together exceed
+    `budget` elements each block runs under jax.checkpoint, so that its scores are recomputed in the backward pass
+    instead of kept. Same values as the dense form.
     q, k: (B, T, N, R); v: (B, T, N, H) or one shared head (B, T, 1, C); key_pad: (B, T) True at PAD."""
-    b, t, n, r = q.shape
-    nb = -(-t // block)
-    qp = jnp.pad(q, ((0, 0), (0, nb * block - t), (0, 0), (0, 0)))
-    qb = jnp.moveaxis(qp.reshape(b, nb, block, n, r), 1, 0)  # (nb, B, block, N, R)
-    keys = jnp.arange(t)
-    visible_key = ~key_pad[:, None, None, :]  # (B, 1, 1, T)
-
-    @jax.checkpoint
-    def one_block(args):
-        qi, start = args
-        causal = keys[None, :] <= (start + jnp.arange(block))[:, None]  # (block, T)
-        return _xla_attention(qi, k, v, causal[None, None] & visible_key)
-
-    out = jax.lax.map(one_block, (qb, jnp.arange(nb) * block))  # (nb, B, block, N, H|C)
-    return jnp.moveaxis(out, 0, 1).reshape(b, nb * block, n, out.shape[-1])[:, :t]
+    b, t, n, _ = q.shape
+    spans = [(lo, min(t, lo + block)) for lo in range(0, t, block)]
+    scores = b * n * sum((hi - lo) * hi for lo, hi in spans)
+    attend = jax.checkpoint(_xla_attention) if scores > budget else _xla_attention
+    outs = []
+    for lo, hi in spans:
+        causal = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]  # (hi - lo, hi)
+        mask = causal[None, None] & ~key_pad[:, None, None, :hi]  # (B, 1, hi - lo, hi)
+        outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask))
+    return jnp.concatenate(outs, axis=1)
 
 
 def _cudnn_attention(q, k, v, key_pad, window):

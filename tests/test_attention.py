@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from abstractinator_jax.attention import (
+    MAX_QUERY_BLOCKS,
+    QUERY_BLOCK,
     causal_attention,
+    causal_query_block,
     segment_cross_attention,
     sliding_window_attention,
     window_groups,
@@ -24,7 +27,7 @@ N_HEADS, HEAD_DIM = 2, 8
 ATOL = 2e-5
 
 swa = jax.jit(sliding_window_attention, static_argnames=("window", "implementation", "budget"))
-causal = jax.jit(causal_attention, static_argnames=("window", "implementation", "query_block"))
+causal = jax.jit(causal_attention, static_argnames=("window", "implementation", "query_block", "budget"))
 cross = jax.jit(segment_cross_attention, static_argnames=("num_rows_visible",))
 
 
@@ -221,26 +224,62 @@ def test_causal_attention_matches_loop_reference(t, window, case):
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=1e-5)
 
 
-@pytest.mark.parametrize("t,block", [(30, 4), (9, 4), (33, 16), (17, 1)])
+@pytest.mark.parametrize("t,block,budget", [(30, 4, None), (9, 4, None), (33, 16, 1), (17, 1, None), (32, 8, 1)])
 @pytest.mark.parametrize("case", ["full_ragged_allpad", "len1_ragged_full", "scattered"])
-def test_query_blocked_causal_attention_matches_loop_reference(t, block, case):
-    """Full causal attention over more than 2 query blocks runs block by block (T not a multiple of the block)."""
+def test_causal_blocks_match_loop_reference(t, block, budget, case):
+    """Full causal attention over more than one query block scores each block against the keys up to its end (T a
+    multiple of the block or not; budget=1: every block rematerialized)."""
     key_pad = pad_cases(t, seed=t * 7 + block)[case]
     q, k, v = qkv(t * 5 + block, 3, t)
-    out = np.asarray(causal(q, k, v, jnp.asarray(key_pad), query_block=block))
+    out = np.asarray(causal(q, k, v, jnp.asarray(key_pad), query_block=block, budget=budget))
     np.testing.assert_allclose(out, ref_window_attention(q, k, v, key_pad, 0), atol=ATOL, rtol=1e-5)
+    if case == "full_ragged_allpad":
+        assert np.all(out[2] == 0.0)
 
 
-def test_query_blocked_attention_with_a_shared_value_head_and_its_gradients():
+@pytest.mark.parametrize("budget", [None, 1])
+def test_causal_blocks_with_a_shared_value_head_and_its_gradients(budget):
     """Latent attention's form (one value head of its own width shared by every head): blocked == dense, values
-    and gradients of q, k and v, with ragged, all-PAD and length-1 rows."""
+    and gradients of q, k and v, with ragged, all-PAD and length-1 rows, with and without rematerialized blocks."""
     t = 21
     q, k, v, cot, key_pad = _shared_value_case(91, t)
 
     def fn(q, k, v, block):
-        return causal_attention(q, k, v, key_pad, query_block=block)
+        return causal_attention(q, k, v, key_pad, query_block=block, budget=budget)
 
-    _assert_same_values_and_gradients(fn, q, k, v, cot, 4, t)  # against one block: the dense form
+    _, gk, gv = _assert_same_values_and_gradients(fn, q, k, v, cot, 4, t)  # against one block: the dense form
+    pad = np.asarray(key_pad)
+    assert np.all(gk[pad] == 0.0) and np.all(gv[pad] == 0.0)
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_causal_blocks_gradients_match_the_normalized_softmax(budget):
+    """Standard attention by query blocks (the softmax normalized after the weighted sum) against a dense form with
+    jax.nn.softmax: q, k and v gradients, ragged / all-PAD / length-1 rows."""
+    t = 19
+    key_pad = jnp.asarray(suffix_pad([t - 4, 0, 1], t))
+    q, k, v = qkv(5, 3, t)
+    cot = np.random.default_rng(3).standard_normal(q.shape).astype(np.float32)
+    blocked = jax.jit(
+        lambda a, b, c: _grads(
+            lambda x, y, z: causal_attention(x, y, z, key_pad, query_block=5, budget=budget), a, b, c, cot
+        )
+    )(q, k, v)
+    dense = jax.jit(lambda a, b, c: _grads(lambda x, y, z: dense_window_attention(x, y, z, key_pad, 0), a, b, c, cot))(
+        q, k, v
+    )
+    for g, r in zip(blocked, dense):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-4)
+    assert np.all(np.asarray(blocked[0])[1] == 0.0)
+
+
+def test_causal_query_block_sizes():
+    """At least QUERY_BLOCK queries a block, a multiple of 16, and at most MAX_QUERY_BLOCKS blocks."""
+    assert causal_query_block(100) == QUERY_BLOCK
+    for t in (1, 65, 448, 512, 513, 1024, 3000, 8192):
+        c = causal_query_block(t)
+        assert c >= QUERY_BLOCK and c % 16 == 0 and -(-t // c) <= MAX_QUERY_BLOCKS
 
 
 def cross_inputs(seed, t, r, c):
