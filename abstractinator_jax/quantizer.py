@@ -126,9 +126,12 @@ class VectorQuantizer(nn.Module):
     def _write_buffer(self, z, valid):
         m = min(self.vectors_per_step, z.shape[0], self.buffer_size)
         n_valid = jnp.sum(valid)
-        # m rows drawn uniformly from the valid rows (with replacement); nothing is written when none is valid.
-        logits = jnp.where(valid, 0.0, -jnp.inf)
-        rows = jax.random.categorical(self.make_rng("vq"), logits, shape=(m,))
+        # m rows drawn uniformly from the valid rows (with replacement); nothing is written when none is valid. The
+        # valid rows' indices first (a stable sort), then m uniform picks among the first n_valid: O(N log N + m),
+        # where a categorical draw over N rows costs m x N random numbers.
+        valid_rows = jnp.argsort(~valid, stable=True)  # (N,) valid row indices first, in order
+        pick = jax.random.randint(self.make_rng("vq"), (m,), 0, jnp.maximum(n_valid, 1))
+        rows = valid_rows[pick]
         take = jnp.minimum(n_valid, m)
         pos = (self.buffer_pos.value + jnp.arange(m)) % self.buffer_size
         write = jnp.arange(m) < take

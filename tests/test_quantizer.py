@@ -466,6 +466,26 @@ def test_ring_buffer_holds_valid_rows_and_wraps():
     assert count == 10 and pos == 16 % 10  # 16 rows written into 10 slots: wrapped around
 
 
+
+def test_ring_buffer_draws_every_valid_row_about_equally():
+    """The rows written are drawn uniformly, with replacement, from the valid rows only: over many steps each of the
+    5 valid rows (of 8, not a prefix) fills about a fifth of the writes; no invalid row is ever written."""
+    fns = _fns(VectorQuantizer, **BUF_KW)
+    z = np.zeros((BUF_N, 4), np.float32)
+    z[:, 0] = np.arange(BUF_N)  # row i is recognisable by its first component
+    valid = np.array([0, 1, 1, 0, 1, 1, 0, 1], bool)
+    v = _init(fns, z, valid)
+    counts = np.zeros(BUF_N)
+    for step in range(100):
+        _, new = fns[3](v, z, valid, _key(step))
+        new = _np(new)[VQ_STATE]
+        written = (int(v[VQ_STATE]["buffer_pos"]) + np.arange(4)) % 10
+        counts += np.bincount(new["buffer"][written, 0].astype(int), minlength=BUF_N)
+        v = {VQ_STATE: new}
+    assert counts[~valid].sum() == 0
+    share = counts[valid] / counts.sum()  # 400 draws: each share ~0.2 (binomial sd 0.02)
+    assert np.all(np.abs(share - 0.2) < 0.08), share
+
 # -- 7. codec --------------------------------------------------------------------------------------------------------
 
 
