@@ -224,11 +224,13 @@ def test_causal_attention_matches_loop_reference(t, window, case):
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=1e-5)
 
 
-@pytest.mark.parametrize("t,block,budget", [(30, 4, None), (9, 4, None), (33, 16, 1), (17, 1, None), (32, 8, 1)])
+@pytest.mark.parametrize(
+    "t,block,budget", [(30, 4, None), (9, 4, None), (33, 16, 1), (17, 1, None), (32, 8, 1), (35, 4, 1)]
+)
 @pytest.mark.parametrize("case", ["full_ragged_allpad", "len1_ragged_full", "scattered"])
 def test_causal_blocks_match_loop_reference(t, block, budget, case):
     """Full causal attention over more than one query block scores each block against the keys up to its end (T a
-    multiple of the block or not; budget=1: every block rematerialized)."""
+    multiple of the block or not; budget=1: the blocks in groups, lax.map over each, rematerialized)."""
     key_pad = pad_cases(t, seed=t * 7 + block)[case]
     q, k, v = qkv(t * 5 + block, 3, t)
     out = np.asarray(causal(q, k, v, jnp.asarray(key_pad), query_block=block, budget=budget))
