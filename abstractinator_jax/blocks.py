@@ -9,12 +9,15 @@ None for the full forward pass, `Prefill(max_len)` to also return the cache a pr
 (`KVCache` for 'mha', `LatentCache` for 'mla') to advance one token per row; with a cache the block returns
 (output, cache). `run_stack` runs a list of blocks the same way.
 
-Rematerialization (config `remat`, docs/ARCHITECTURE.md 7): `run_stack` can wrap each block of the full forward
-pass (no cache) in a lifted `jax.checkpoint`, so that the backward pass recomputes what the block's policy does not
-save. The parameters, their names and the values computed are the same with every setting; the decoding paths
-(with a cache) never use it."""
+Rematerialization (config `remat`, docs/ARCHITECTURE.md 7): `run_stack` runs the blocks of the full forward pass
+(no cache) under `jax.checkpoint`, so that the backward pass recomputes what the block's policy does not save; a
+stack of two or more blocks runs as one `lax.scan` over their stacked parameters, so that the backward pass
+recomputes one block at a time. The parameters, their names and the values computed are the same with every
+setting; the decoding paths (with a cache) never use it."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -125,12 +128,41 @@ def _call_block(blk, *args):
     return blk(*args)
 
 
+def _same_shapes(a, b) -> bool:
+    """Two parameter trees of the same structure, shapes and dtypes."""
+    sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+    return sa == sb and all(
+        x.shape == y.shape and x.dtype == y.dtype for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def _scanned_stack(blocks, params, x, *rest, policy):
+    """Rematerialized blocks of one structure (`params`: each block's) as one lax.scan over their stacked
+    parameters, each step under jax.checkpoint with `policy`: the backward pass is a loop that recomputes one block
+    at a time. Unrolled checkpointed blocks let XLA schedule several blocks' recomputation ahead of their backward
+    passes, all of their intermediates alive at once (BENCHMARKS.md, "Memory"). Same values and gradients; the
+    parameters keep their per-block names."""
+    unbound = blocks[0].clone(parent=None)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
+
+    @functools.partial(jax.checkpoint, policy=policy)
+    def step(h, p):
+        return unbound.apply({"params": p}, h, *rest), None
+
+    return jax.lax.scan(step, x, stacked)[0]
+
+
 def run_stack(blocks, x, key_pad, positions, *extra, cache=None, remat: str = "none"):
     """Apply `blocks` in order. cache: None -> x; Prefill -> (x, [cache per block]); [cache per block] (one decoding
     step) -> (x, [cache per block]), each a KVCache or a LatentCache as the block's attention is. `extra` goes to
     every block after the positions (DecoderBlock's memory, row_valid, seg_id). `remat` ('none', 'block', 'dots':
-    REMAT_POLICIES) checkpoints each block of the full forward pass (cache None); the cached paths ignore it."""
+    REMAT_POLICIES) checkpoints each block of the full forward pass (cache None; two or more blocks: `_scanned_stack`);
+    the cached paths ignore it."""
     if cache is None:
+        if remat != "none" and len(blocks) > 1 and not blocks[0].is_initializing():
+            params = [nn.meta.unbox(b.variables["params"]) for b in blocks]
+            if all(_same_shapes(params[0], p) for p in params[1:]):
+                return _scanned_stack(blocks, params, x, key_pad, positions, *extra, policy=REMAT_POLICIES[remat])
         call = _call_block if remat == "none" else nn.remat(_call_block, policy=REMAT_POLICIES[remat])
         for blk in blocks:
             x = call(blk, x, key_pad, positions, *extra)

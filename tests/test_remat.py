@@ -101,3 +101,57 @@ def test_an_unknown_remat_value_names_the_choices():
     cfg.remat = "full"
     with pytest.raises(ConfigError, match=r"remat='full'; choose one of \('none', 'block', 'dots'\)"):
         validate_config(cfg)
+
+
+def deep_config(remat: str):
+    """remat_config with two blocks in every stack (shared, entropy, compression, expander, top transformer): stacks
+    of two or more blocks run as one lax.scan over their stacked parameters when rematerialized."""
+    cfg = remat_config(remat)
+    lv = cfg.levels[0]
+    lv.c_num_shared_encoder_layers = 2
+    lv.c_num_lm_encoder_layers = 2
+    lv.c_num_compression_encoder_layers = 2
+    lv.d_layers = 2
+    cfg.top_transformer_config.num_layers = 2
+    return validate_config(cfg)
+
+
+def _count_scans(jaxpr) -> int:
+    n = 0
+    for e in jaxpr.eqns:
+        n += e.primitive.name == "scan"
+        n += sum(_count_scans(sub) for sub in jax_core.jaxprs_in_params(e.params))
+    return n
+
+
+def test_scanned_stacks_give_the_same_loss_and_gradients():
+    """Every stack of two blocks is one scan (with remat; none without), and the loss and every block's parameter
+    gradient equal those without remat: the stacking and the scan's transpose route each block's gradient to its
+    own parameters."""
+    none = AbstractinatorPyramid(deep_config("none"))
+    shapes = param_shapes(none)
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: (
+            np.ones(s.shape, np.float32)
+            if path[-1].key == "scale"
+            else rng.normal(0.0, 0.1, s.shape).astype(np.float32)
+        ),
+        shapes,
+    )
+
+    def scans(model):
+        return _count_scans(jax.make_jaxpr(lambda p: model.apply({"params": p}, IDS, PAD)[0])(params).jaxpr)
+
+    base = scans(none)  # scans the model has anyway
+    # one more per stack: shared, entropy, compression, expander, and the top's in each of its 2 row-bucket branches
+    assert scans(AbstractinatorPyramid(deep_config("dots"))) == base + 6
+    block = AbstractinatorPyramid(deep_config("block"))
+    assert scans(block) == base + 6
+    want_loss, want = jax.device_get(jax.jit(loss_and_grad(none))(params))
+    got_loss, got = jax.device_get(jax.jit(loss_and_grad(block))(params))
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+    # the two blocks of a stack get different gradients (each its own, not a shared or swapped one)
+    exp = got["level_0"]["expander"]
+    assert not np.allclose(exp["block_0"]["ffn"]["w2"]["kernel"], exp["block_1"]["ffn"]["w2"]["kernel"])
