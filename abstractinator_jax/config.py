@@ -228,10 +228,10 @@ def base_config() -> ConfigDict:
     # Rematerialization of every block stack (compressor stacks, expander, top transformer) in the train step:
     # 'none' keeps every activation for the backward pass; 'block' keeps only each block's input and recomputes the
     # rest; 'dots' also keeps the token matmuls' outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
-    # Same parameters and same values with each (checkpoints are interchangeable). 'none' by the benchmark (tiny,
-    # B=8, S=1024-2048, BENCHMARKS.md): on CPU, 'block' costs 7-12% step time and saves only 5% of XLA's temp memory
-    # (its default scheduler runs the recomputation early); under a memory-minimising scheduler, as accelerators
-    # have, 'block' cuts it by a third ('dots' by a quarter, recomputing less): set it where memory binds.
+    # Same parameters and same values with each (checkpoints are interchangeable). 'none' by the benchmark (tiny +
+    # top, B=8, S=2048, BENCHMARKS.md): the fastest on CPU; 'block' costs 12% step time and cuts XLA's temp memory
+    # 4x (2.6 -> 0.64 GB; its stacks run as one lax.scan that recomputes one block at a time), 'dots' 1.7x: set
+    # 'block' where memory binds (long rows, large batches, accelerators).
     c.remat = "none"
     # The top transformer's training and scoring pass runs over the smallest of this many equal prefixes of the top
     # level's slots that holds every valid row of the batch (one compiled branch each, its gradient computed in the
