@@ -20,11 +20,12 @@ Sizing (`python bench/param_counts.py --config configs/gpu_100m.py`: 100,828,928
   one quantizer stage of K=8192 codes of width 128 (the original's super_tiny quantizer); the top predicts codes.
 - Batch. 16 rows x 8192 bytes = 131,072 bytes per step. XLA's memory analysis of this train step at batch 1
   (`bench/train_step.py --compile_only` on CPU with its memory-minimising scheduler,
-  XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false): 6.3 GB of temporaries per 8192-byte row with
-  remat 'none', 4.3 GB with 'block', linear in the batch. That overstates a GPU, where cuDNN attention keeps none of
-  the blocked sliding-window kernel's score arrays: at batch 16, at most ~100 GB ('none') or ~69 GB ('block'), plus
-  1.2 GB of parameters and AdamW state (float32). 'none' fits one H200 (141 GB; bench/gpu_run.sh lets JAX take 94%
-  of it); on an 80 GB H100 set remat='block' (bench/gpu_check.py measures both).
+  XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false): 5.5 GB of temporaries per 8192-byte row with
+  remat 'none', 1.9 GB with 'block' (its stacks scanned, one block recomputed at a time), linear in the batch. That
+  overstates a GPU, where cuDNN attention keeps none of the blocked sliding-window kernel's score arrays: at batch
+  16, at most ~88 GB ('none') or ~31 GB ('block'), plus 1.2 GB of parameters and AdamW state (float32). 'none' fits
+  one H200 (141 GB; bench/gpu_run.sh lets JAX take 94% of it); on an 80 GB H100 or smaller set remat='block'
+  (bench/gpu_check.py measures both).
 """
 
 from abstractinator_jax.config import base_config

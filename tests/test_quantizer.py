@@ -466,7 +466,6 @@ def test_ring_buffer_holds_valid_rows_and_wraps():
     assert count == 10 and pos == 16 % 10  # 16 rows written into 10 slots: wrapped around
 
 
-
 def test_ring_buffer_draws_every_valid_row_about_equally():
     """The rows written are drawn uniformly, with replacement, from the valid rows only: over many steps each of the
     5 valid rows (of 8, not a prefix) fills about a fifth of the writes; no invalid row is ever written."""
@@ -485,6 +484,7 @@ def test_ring_buffer_draws_every_valid_row_about_equally():
     assert counts[~valid].sum() == 0
     share = counts[valid] / counts.sum()  # 400 draws: each share ~0.2 (binomial sd 0.02)
     assert np.all(np.abs(share - 0.2) < 0.08), share
+
 
 # -- 7. codec --------------------------------------------------------------------------------------------------------
 
