@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from abstractinator_jax import quantizer
 from abstractinator_jax.codes import CodeCodec
 from abstractinator_jax.quantizer import VQ_STATE, ResidualVQ, VectorQuantizer
 
@@ -134,6 +135,33 @@ def test_nearest_excludes_forbidden_codes():
         allowed = [c for c in order[i] if c not in forbidden]
         assert idx[i] == allowed[0] and idx[i] != nearest[i]
     np.testing.assert_array_equal(np.asarray(e), cb[idx])
+
+
+@pytest.mark.parametrize("chunk", [8, 64, 5])
+def test_nearest_code_by_chunks_is_argmin_with_its_ties_and_nans(chunk):
+    """The chunked search (8 chunks of 8 codes; one chunk of 64; 5 does not divide K: one chunk) equals the float64
+    brute force, and jnp.argmin's answer on exact ties (duplicate codes in one chunk and across chunks: the first
+    index), on forbidden codes in several chunks, on a row whose distances are all NaN (the first NaN) and on a row
+    with every code forbidden."""
+    rs = np.random.RandomState(3)
+    k, d = 64, 8
+    cb = rs.randn(k, d).astype(np.float32)
+    cb[41] = cb[9]  # a tie across chunks
+    cb[13] = cb[10]  # a tie within a chunk
+    z = rs.randn(40, d).astype(np.float32)
+    z[:4] = cb[[9, 41, 10, 13]]  # rows sitting exactly on tied codes
+    z[4] = np.nan
+    forbidden = np.zeros(k, bool)
+    forbidden[[0, 1, 17, 50]] = True
+    got = np.asarray(quantizer.nearest_code(jnp.asarray(z), jnp.asarray(cb), jnp.asarray(forbidden), chunk=chunk))
+    want = _np_nearest(z, cb, np.flatnonzero(forbidden))
+    want[4] = 2  # the NaN row: argmin's first NaN (codes 0 and 1 are forbidden, at +inf)
+    np.testing.assert_array_equal(got, want)
+    assert list(got[:4]) == [9, 9, 10, 10]
+    d2 = jnp.where(jnp.asarray(forbidden)[None], jnp.inf, jnp.asarray(_np_dist(z, cb), jnp.float32))
+    np.testing.assert_array_equal(got[5:], np.asarray(jnp.argmin(d2, axis=-1))[5:])
+    everything = quantizer.nearest_code(jnp.asarray(z[5:6]), jnp.asarray(cb), jnp.ones(k, bool), chunk=chunk)
+    assert int(everything[0]) == 0  # argmin of all +inf
 
 
 # -- 2./3. straight-through estimator and loss ------------------------------------------------------------------------
