@@ -167,7 +167,8 @@ _MESH_SCRIPT = textwrap.dedent(
 
     assert jax.device_count() == 4, jax.devices()
     cfg = tiny_config(attention="mla")  # the configs' attention: its per-head weights are sharded too
-    cfg.levels[0].c_vq_K, cfg.levels[0].c_vq_d_c = 64, 16  # code tables and projections are parameters too
+    # code tables and projections are parameters too; 256 codes = 2 chunks of the nearest-code search's scan
+    cfg.levels[0].c_vq_K, cfg.levels[0].c_vq_d_c = 256, 16
     cfg.use_top_code_lm = True
     top = cfg.top_transformer_config
     top.embed_dim, top.dim, top.num_layers, top.num_heads, top.continuous = 32, 32, 1, 2, False
