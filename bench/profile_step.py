@@ -90,7 +90,10 @@ def trace_events(trace_dir: str):
     else the CPU's XLA threads (the client thread that runs the program and the Eigen pool that runs its ops)."""
     from jax._src.profiler import ProfileData
 
-    data = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+    files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    if not files:
+        raise SystemExit(f"error: jax.profiler wrote no trace (*.xplane.pb) under {trace_dir}.")
+    data = ProfileData.from_file(files[0])
     device = [
         line
         for plane in data.planes
@@ -144,6 +147,11 @@ def main():
     events = [(name, seconds / args.steps) for name, seconds in trace_events(trace_dir)]
     by_path, by_op = aggregate(events, ops, args.depth)
     total = sum(f + b for f, b in by_path.values())
+    if total <= 0:
+        sys.exit(
+            f"error: the trace holds no XLA op events this tool can read on {jax.default_backend()} (it reads a "
+            "device's 'XLA Ops' line, or the CPU's tf_XLA* threads); open the trace in TensorBoard's profiler instead."
+        )
     print(f"# {Path(args.config).name} B={args.batch_size} S={args.sequence_length} on {jax.devices()[0].device_kind}")
     print(f"# step {wall:.3f} s (untraced); op time in the trace {total:.3f} s per step\n")
     print(f"{'s/step':>8} {'share':>6} {'fwd s':>7} {'bwd s':>7}  component")
