@@ -1,10 +1,10 @@
-"""The step guard: a training step whose loss or gradient norm is not finite (or whose update would make a parameter
-non-finite), or, with `loss_spike_factor` > 0, whose loss exceeds that factor times the running mean of the accepted
-losses, is not applied. The decision is made inside the jitted step (`apply_guard`, a `jnp.where` over the whole
-update), so parameters, optimizer state and quantizer state stay those of the last good step while the step counter
-(and the data) move on. The counts live in `TrainState.guard` (`init_guard_state`), are checkpointed with the state
-(so a resumed run is bit-exact, spike guard included), and are read on the host only where the loop syncs anyway (log
-and checkpoint steps): `check_guard` stops the run with `TrainingDiverged` after `max_consecutive_skipped_steps`
+"""The step guard: a training step whose loss, gradient norm or quantizer state is not finite, or, with
+`loss_spike_factor` > 0, whose loss exceeds that factor times the running mean of the accepted losses, is not applied.
+The decision is made inside the jitted step before the optimizer runs (`step_accepted`; the update runs under a
+lax.cond on it), so parameters, optimizer state and quantizer state stay those of the last good step while the step
+counter (and the data) move on. The counts live in `TrainState.guard` (`init_guard_state`), are checkpointed with the
+state (so a resumed run is bit-exact, spike guard included), and are read on the host only where the loop syncs anyway
+(log and checkpoint steps): `check_guard` stops the run with `TrainingDiverged` after `max_consecutive_skipped_steps`
 skips in a row. `nonfinite_parts` is the host-side check that no non-finite state is ever checkpointed."""
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-__all__ = ["TrainingDiverged", "apply_guard", "check_guard", "guard_scalars", "init_guard_state", "nonfinite_parts"]
+__all__ = [
+    "TrainingDiverged",
+    "apply_guard",
+    "check_guard",
+    "count_step",
+    "guard_scalars",
+    "init_guard_state",
+    "nonfinite_parts",
+    "step_accepted",
+]
 
 SPIKE_EMA_DECAY = 0.99  # running mean of accepted losses: an exponential moving average, bias-corrected
 SPIKE_MIN_STEPS = 20  # accepted steps before the spike guard can skip a step (the mean needs some history)
@@ -41,28 +50,42 @@ def _tree_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def apply_guard(cfg: ConfigDict, old, new, loss: jax.Array, grad_norm: jax.Array):
-    """`new` (the updated TrainState) if the step is good, else `old`'s parameters, optimizer state and model state
-    with `new`'s step; the guard counters updated either way. Traced inside the train step."""
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _tree_finite((new.params, new.model_state))
-    g = old.guard
+def step_accepted(cfg: ConfigDict, guard: dict, loss: jax.Array, grad_norm: jax.Array, model_state) -> jax.Array:
+    """Whether a step is applied: its loss, its gradient norm and the model state it leaves (quantizer EMA) are
+    finite and, with `loss_spike_factor` > 0, its loss is not a spike. Known before the optimizer runs: a finite
+    gradient norm means every gradient is finite, so the AdamW update is too (`nonfinite_parts` checks again on the
+    host before anything is saved). Traced inside the train step."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _tree_finite(model_state)
     decay = jnp.float32(SPIKE_EMA_DECAY)
-    mean = g["loss_ema"] / (1.0 - decay ** g["accepted"].astype(jnp.float32))
+    mean = guard["loss_ema"] / (1.0 - decay ** guard["accepted"].astype(jnp.float32))
     spike = jnp.asarray(False)
     if cfg.loss_spike_factor > 0:
-        spike = (g["accepted"] >= SPIKE_MIN_STEPS) & (loss > cfg.loss_spike_factor * mean)
-    accept = finite & ~spike
+        spike = (guard["accepted"] >= SPIKE_MIN_STEPS) & (loss > cfg.loss_spike_factor * mean)
+    return finite & ~spike
+
+
+def count_step(guard: dict, accept: jax.Array, loss: jax.Array) -> dict:
+    """The guard's counters after a step that was applied (`accept`) or skipped."""
+    decay = jnp.float32(SPIKE_EMA_DECAY)
+    return {
+        "skipped": guard["skipped"] + (~accept).astype(jnp.int32),
+        "consecutive": jnp.where(accept, 0, guard["consecutive"] + 1),
+        "loss_ema": jnp.where(accept, decay * guard["loss_ema"] + (1.0 - decay) * loss, guard["loss_ema"]),
+        "accepted": guard["accepted"] + accept.astype(jnp.int32),
+    }
+
+
+def apply_guard(cfg: ConfigDict, old, new, loss: jax.Array, grad_norm: jax.Array):
+    """`new` (the updated TrainState) if the step is accepted (`step_accepted`, or also: none of `new`'s parameters
+    is non-finite), else `old`'s parameters, optimizer state and model state with `new`'s step; the guard counters
+    updated either way. The train step itself decides before its update (steps.py: the update runs under a
+    lax.cond); this is the same decision on two finished states."""
+    accept = step_accepted(cfg, old.guard, loss, grad_norm, new.model_state) & _tree_finite(new.params)
     keep = lambda n, o: jnp.where(accept, n, o)  # noqa: E731
     params, opt_state, model_state = jax.tree.map(
         keep, (new.params, new.opt_state, new.model_state), (old.params, old.opt_state, old.model_state)
     )
-    skipped = (~accept).astype(jnp.int32)
-    guard = {
-        "skipped": g["skipped"] + skipped,
-        "consecutive": jnp.where(accept, 0, g["consecutive"] + 1),
-        "loss_ema": jnp.where(accept, decay * g["loss_ema"] + (1.0 - decay) * loss, g["loss_ema"]),
-        "accepted": g["accepted"] + accept.astype(jnp.int32),
-    }
+    guard = count_step(old.guard, accept, loss)
     return new.replace(params=params, opt_state=opt_state, model_state=model_state, guard=guard)
 
 

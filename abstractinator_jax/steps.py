@@ -13,7 +13,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from .guard import apply_guard
+from .guard import count_step, step_accepted
 from .scoring import score_batch
 from .sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from .train_state import TrainState, learning_rate_schedule, merge_params
@@ -60,26 +60,42 @@ def make_train_step(cfg: ConfigDict, model: nn.Module, mesh: Mesh, optimizer, sh
                 metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
                 return (grads_acc, metrics_acc, model_state), None
 
-            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            # The first micro-batch starts the sums (no zeros to add to); the others, if any, run in a lax.scan.
             first = jax.tree.map(lambda x: x[0], batch)
-            metrics_shape = jax.eval_shape(
-                lambda: _loss_fn(
-                    model, state.params, state.model_state, first["ids"], first["mask"], frozen=state.frozen_params
-                )[1][0]
+            (_, (metrics, model_state)), grads = grad_fn(
+                state.params, state.model_state, first["ids"], first["mask"], jax.random.fold_in(step_key, 0)
             )
-            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
-            (grads, metrics, model_state), _ = jax.lax.scan(
-                micro, (zeros_g, zeros_m, state.model_state), (batch, jnp.arange(n))
-            )
-            grads = jax.tree.map(lambda g: g / n, grads)
-            metrics = jax.tree.map(lambda m: m / n, metrics)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            if n > 1:
+                rest = jax.tree.map(lambda x: x[1:], batch)
+                (grads, metrics, model_state), _ = jax.lax.scan(
+                    micro, (grads, metrics, model_state), (rest, jnp.arange(1, n))
+                )
+                grads = jax.tree.map(lambda g: g / n, grads)
+                metrics = jax.tree.map(lambda m: m / n, metrics)
             metrics["grad_norm"] = optax.global_norm(grads)
             metrics["learning_rate"] = schedule(state.step)
             metrics["real_bytes"] = jnp.sum(~batch["mask"]).astype(jnp.float32)
-            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
-            new_state = apply_guard(cfg, state, new_state, metrics["loss"], metrics["grad_norm"])  # skip a bad step
+            # A bad step (guard.py) is not applied: the update runs under a lax.cond, so that a good step writes its
+            # new state once (no select between the old and the new state after it).
+            accept = step_accepted(cfg, state.guard, metrics["loss"], metrics["grad_norm"], model_state)
+
+            def update(grads, params, opt_state, model_state):
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, model_state
+
+            def skip(grads, params, opt_state, model_state):
+                return params, opt_state, state.model_state
+
+            params, opt_state, model_state = jax.lax.cond(
+                accept, update, skip, grads, state.params, state.opt_state, model_state
+            )
+            new_state = state.replace(
+                step=state.step + 1,
+                params=params,
+                opt_state=opt_state,
+                model_state=model_state,
+                guard=count_step(state.guard, accept, metrics["loss"]),
+            )
             return new_state, metrics
 
     return jax.jit(
