@@ -128,10 +128,28 @@ def causal_attention(
 CAUSAL_GROUPS = 4
 
 
+def _heads_first_attention(qt, kt, vt, mask, shared: bool):
+    """Softmax attention on heads-first arrays, normalized after the weighted sum as `_softmax_attention`; zero
+    output for rows with no visible key. qt: (B, N, T, R); kt: (B, N, S, R); vt: (B, N, S, H), or (B, S, C) when
+    `shared` (one value head for every head); mask broadcastable to (B, N, T, S) -> (B, N, T, H|C)."""
+    scale = 1.0 / math.sqrt(qt.shape[-1])
+    logits = jnp.einsum("bntr,bnsr->bnts", qt, kt, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits - top)  # (B, N, T, S)
+    total = jnp.sum(weights, axis=-1, keepdims=True)  # (B, N, T, 1)
+    weights = weights.astype(vt.dtype)
+    out = jnp.einsum("bnts,bsc->bntc" if shared else "bnts,bnsh->bnth", weights, vt)
+    out = (out.astype(jnp.float32) / total).astype(vt.dtype)
+    return jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, jnp.zeros((), out.dtype))
+
+
 def _causal_blocks(q, k, v, key_pad, block: int, budget: int):
     """Full causal attention by blocks of `block` queries, each scoring only the keys up to its last query: block i
     (queries [i*block, (i+1)*block)) sees keys [0, (i+1)*block), about half of the T x T scores.
 
+    q, k and v are put heads-first (B, N, T, .) once, so that each block's keys are a prefix along T of the same
+    array (no per-block transpose; about 20% less time than the (B, T, N, .) layout, BENCHMARKS.md).
     Within `budget` (the blocks' scores together, in elements) the blocks are unrolled, each with its own key length.
     Over it, only a few blocks' scores may be alive at once: the blocks are cut into CAUSAL_GROUPS consecutive groups,
     each run as a lax.map over its blocks against the keys up to the group's end, every block under jax.checkpoint
@@ -140,17 +158,22 @@ def _causal_blocks(q, k, v, key_pad, block: int, budget: int):
     q, k: (B, T, N, R); v: (B, T, N, H) or one shared head (B, T, 1, C); key_pad: (B, T) True at PAD."""
     b, t, n, r = q.shape
     nb = -(-t // block)
+    shared = _shares_value(k, v)
+    qt, kt = jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2)  # (B, N, T, R)
+    vt = v[:, :, 0] if shared else jnp.swapaxes(v, 1, 2)  # (B, T, C) | (B, N, T, H)
 
     def attend(qi, lo, hi):  # queries [lo, lo + block) (lo may be traced) against keys [0, hi) (static)
-        causal = jnp.arange(hi)[None, :] <= (lo + jnp.arange(qi.shape[1]))[:, None]  # (block, hi)
+        causal = jnp.arange(hi)[None, :] <= (lo + jnp.arange(qi.shape[2]))[:, None]  # (block, hi)
         mask = causal[None, None] & ~key_pad[:, None, None, :hi]  # (B, 1, block, hi)
-        return _xla_attention(qi, k[:, :hi], v[:, :hi], mask)
+        vi = vt[:, :hi] if shared else vt[:, :, :hi]
+        return _heads_first_attention(qi, kt[:, :, :hi], vi, mask, shared)  # (B, N, block, H|C)
 
     spans = [(lo, min(t, lo + block)) for lo in range(0, t, block)]
     if b * n * sum((hi - lo) * hi for lo, hi in spans) <= budget:
-        return jnp.concatenate([attend(q[:, lo:hi], lo, hi) for lo, hi in spans], axis=1)
-    qp = jnp.pad(q, ((0, 0), (0, nb * block - t), (0, 0), (0, 0)))
-    qb = jnp.moveaxis(qp.reshape(b, nb, block, n, r), 1, 0)  # (nb, B, block, N, R)
+        out = jnp.concatenate([attend(qt[:, :, lo:hi], lo, hi) for lo, hi in spans], axis=2)
+        return jnp.swapaxes(out, 1, 2)  # (B, T, N, H|C)
+    qp = jnp.pad(qt, ((0, 0), (0, 0), (0, nb * block - t), (0, 0)))
+    qb = jnp.moveaxis(qp.reshape(b, n, nb, block, r), 2, 0)  # (nb, B, N, block, R)
     bounds = [nb * g // CAUSAL_GROUPS for g in range(CAUSAL_GROUPS + 1)]
     outs = []
     for first, last in zip(bounds[:-1], bounds[1:]):
@@ -158,9 +181,10 @@ def _causal_blocks(q, k, v, key_pad, block: int, budget: int):
             continue
         hi = min(t, last * block)
         one = jax.checkpoint(lambda a, hi=hi: attend(a[0], a[1], hi))
-        outs.append(jax.lax.map(one, (qb[first:last], jnp.arange(first, last) * block)))  # (blocks, B, block, N, .)
-    out = jnp.concatenate(outs, axis=0)
-    return jnp.moveaxis(out, 0, 1).reshape(b, nb * block, n, out.shape[-1])[:, :t]
+        outs.append(jax.lax.map(one, (qb[first:last], jnp.arange(first, last) * block)))  # (blocks, B, N, block, .)
+    out = jnp.concatenate(outs, axis=0)  # (nb, B, N, block, H|C)
+    out = jnp.moveaxis(out, 0, 2).reshape(b, n, nb * block, out.shape[-1])[:, :, :t]
+    return jnp.swapaxes(out, 1, 2)
 
 
 def _cudnn_attention(q, k, v, key_pad, window):
