@@ -182,9 +182,8 @@ def _causal_blocks(q, k, v, key_pad, block: int, budget: int):
         hi = min(t, last * block)
         one = jax.checkpoint(lambda a, hi=hi: attend(a[0], a[1], hi))
         outs.append(jax.lax.map(one, (qb[first:last], jnp.arange(first, last) * block)))  # (blocks, B, N, block, .)
-    out = jnp.concatenate(outs, axis=0)  # (nb, B, N, block, H|C)
-    out = jnp.moveaxis(out, 0, 2).reshape(b, n, nb * block, out.shape[-1])[:, :, :t]
-    return jnp.swapaxes(out, 1, 2)
+    out = jnp.transpose(jnp.concatenate(outs, axis=0), (1, 0, 3, 2, 4))  # (nb, B, N, block, .) -> (B, nb, block, N, .)
+    return out.reshape(b, nb * block, n, out.shape[-1])[:, :t]
 
 
 def _cudnn_attention(q, k, v, key_pad, window):
