@@ -13,7 +13,14 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from .checkpointing import CheckpointError, CheckpointManager, resolve_init_from
-from .config import ConfigError, entropy_model_settings, model_config_differences, to_dict, validate_config
+from .config import (
+    SLOT_KEYS,
+    ConfigError,
+    entropy_model_settings,
+    model_config_differences,
+    to_dict,
+    validate_config,
+)
 from .model import AbstractinatorPyramid
 from .sharding import batch_divisor, make_mesh
 from .train_state import TrainState, abstract_train_state, make_optimizer, merge_params, split_entropy_model
@@ -65,8 +72,12 @@ def check_init_from(cfg: ConfigDict) -> tuple[str, int]:
             f"of a train.py run with --config.stage={want}."
         )
     if cfg.stage == 2:
-        diffs = model_config_differences(saved, to_dict(cfg), keys=("num_levels", "levels"))
+        levels = ("num_levels", "levels")
+        diffs = model_config_differences(saved, to_dict(cfg), keys=levels, ignore=SLOT_KEYS)
         fix = "Stage 2 must use the stage-1 run's level settings."
+        for slots in model_config_differences(saved, to_dict(cfg), keys=levels):
+            if slots not in diffs:  # segment slots: no parameter depends on them
+                log.info("Stage 2 over other segment slots than its stage-1 run: %s", slots)
     else:
         levels = saved.get("levels") or [{}]
         diffs = model_config_differences(

@@ -645,16 +645,23 @@ MODEL_KEYS = ("stage", "num_levels", "levels", "use_top_code_lm", "top_transform
 GENERATION_PREFIX = "gen_"
 
 
-def model_config_differences(saved: dict, current: dict, keys=None) -> list[str]:
+# Level settings that size a run, not the model: no parameter or state shape depends on them. A level's segment
+# slots (c_output_length) follow the rows trained on (clamp_segment_slots lowers them for short rows), so stage 2 may
+# run with other slots than its stage-1 run.
+SLOT_KEYS = ("c_output_length",)
+
+
+def model_config_differences(saved: dict, current: dict, keys=None, ignore: tuple[str, ...] = ()) -> list[str]:
     """Human-readable differences between the model sections of a checkpoint's saved config dict (of this version or
-    an earlier one) and the current config dict. A differing attention_type says which override restores it."""
+    an earlier one) and the current config dict, except in settings named in `ignore`. A differing attention_type
+    says which override restores it."""
     saved, _ = upgrade_saved_config(saved)
     out = []
 
     def walk(a, b, path):
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                if k.startswith(GENERATION_PREFIX):
+                if k.startswith(GENERATION_PREFIX) or k in ignore:
                     continue
                 walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else k)
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):

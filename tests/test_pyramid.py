@@ -20,6 +20,7 @@ import pytest
 from flax import linen as nn
 
 from abstractinator_jax import steps, top, train_state
+from abstractinator_jax.build import check_init_from
 from abstractinator_jax.checkpointing import CheckpointError, CheckpointManager
 from abstractinator_jax.codes import residual_code_logits
 from abstractinator_jax.config import ConfigError, to_dict, validate_config
@@ -568,6 +569,33 @@ def test_stage2_refuses_a_stage1_checkpoint_of_another_pyramid(corpus, tmp_path)
     with pytest.raises(CheckpointError) as err:
         train(stage2_run_config(corpus, tmp_path / "s1"), tmp_path / "s2")
     assert "levels[0].D: checkpoint 64 vs config 32" in str(err.value)
+
+
+def test_stage2_accepts_a_stage1_run_with_other_segment_slots(corpus, tmp_path):
+    """Segment slots (c_output_length) size a run, not the model: a stage-1 run trained with other slots (e.g. on
+    shorter rows, where clamp_segment_slots lowers them) is a valid stage-2 init_from; any other level difference
+    still is not."""
+    stage1 = two_level_config()
+    stage1.levels[0].c_output_length //= 2
+    stage1.levels[1].c_output_length //= 2
+    stage2 = stage2_run_config(corpus, tmp_path / "s1")
+    # no parameter or state shape depends on the slots
+    shapes = []
+    for cfg in (stage1, two_level_config()):
+        opt = train_state.make_optimizer(cfg)
+        abstract, _ = train_state.abstract_train_state(cfg, AbstractinatorPyramid(cfg), make_mesh(cfg.mesh), opt)
+        shapes.append(jax.tree.map(lambda s: (s.shape, s.dtype), abstract))
+    assert shapes[0] == shapes[1]
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+    with CheckpointManager(tmp_path / "s1") as mngr:
+        mngr.save(0, zeros, config=to_dict(stage1), force=True)
+    assert check_init_from(stage2) == (str(tmp_path / "s1"), 0)
+    stage1.levels[1].D = 40  # and one setting that does define the model: refused, naming only that one
+    with CheckpointManager(tmp_path / "s1") as mngr:
+        mngr.save(1, zeros, config=to_dict(stage1), force=True)
+    with pytest.raises(CheckpointError) as err:
+        check_init_from(stage2)
+    assert "levels[1].D: checkpoint 40 vs config 48" in str(err.value) and "c_output_length" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
