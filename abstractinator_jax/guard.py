@@ -18,7 +18,6 @@ from ml_collections import ConfigDict
 
 __all__ = [
     "TrainingDiverged",
-    "apply_guard",
     "check_guard",
     "count_step",
     "guard_scalars",
@@ -73,20 +72,6 @@ def count_step(guard: dict, accept: jax.Array, loss: jax.Array) -> dict:
         "loss_ema": jnp.where(accept, decay * guard["loss_ema"] + (1.0 - decay) * loss, guard["loss_ema"]),
         "accepted": guard["accepted"] + accept.astype(jnp.int32),
     }
-
-
-def apply_guard(cfg: ConfigDict, old, new, loss: jax.Array, grad_norm: jax.Array):
-    """`new` (the updated TrainState) if the step is accepted (`step_accepted`, or also: none of `new`'s parameters
-    is non-finite), else `old`'s parameters, optimizer state and model state with `new`'s step; the guard counters
-    updated either way. The train step itself decides before its update (steps.py: the update runs under a
-    lax.cond); this is the same decision on two finished states."""
-    accept = step_accepted(cfg, old.guard, loss, grad_norm, new.model_state) & _tree_finite(new.params)
-    keep = lambda n, o: jnp.where(accept, n, o)  # noqa: E731
-    params, opt_state, model_state = jax.tree.map(
-        keep, (new.params, new.opt_state, new.model_state), (old.params, old.opt_state, old.model_state)
-    )
-    guard = count_step(old.guard, accept, loss)
-    return new.replace(params=params, opt_state=opt_state, model_state=model_state, guard=guard)
 
 
 def guard_scalars(guard_host: dict) -> dict:

@@ -23,12 +23,11 @@ from abstractinator_jax import data as data_lib
 from abstractinator_jax.build import build
 from abstractinator_jax.checkpointing import CheckpointError, CheckpointManager
 from abstractinator_jax.data import resolve_data_config
-from abstractinator_jax.guard import TrainingDiverged, apply_guard, init_guard_state
+from abstractinator_jax.guard import TrainingDiverged, count_step, init_guard_state, step_accepted
 from abstractinator_jax.preemption import Preemption
 from abstractinator_jax.recovery import RunDirError, check_run_dirs, resume_intact
 from abstractinator_jax.summaries import read_scalars
 from abstractinator_jax.train_loop import train
-from abstractinator_jax.train_state import TrainState
 
 from .helpers import tiny_config
 
@@ -83,40 +82,36 @@ def restore(workdir, step=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _toy_state(w, guard=None):
-    return TrainState(
-        step=jnp.asarray(0, jnp.int32),
-        params={"w": jnp.asarray(w, jnp.float32)},
-        opt_state={"mu": jnp.asarray(w, jnp.float32) * 2},
-        model_state={},
-        rng=jnp.zeros((2,), jnp.uint32),
-        frozen_params={},
-        guard=guard if guard is not None else init_guard_state(),
-    )
-
-
-def test_guard_skips_non_finite_and_spiking_steps():
+def test_guard_rejects_non_finite_and_spiking_steps_and_counts_them():
+    """step_accepted (decided before the update; tests/test_training.py runs it in a train step) and count_step."""
     cfg = tiny_config()
-    old = _toy_state([1.0, 2.0])
-    new = _toy_state([5.0, 6.0]).replace(step=jnp.asarray(1, jnp.int32))
-    kept = apply_guard(cfg, old, new, jnp.float32(jnp.nan), jnp.float32(1.0))
-    np.testing.assert_array_equal(kept.params["w"], [1.0, 2.0])
-    np.testing.assert_array_equal(kept.opt_state["mu"], [2.0, 4.0])
-    assert int(kept.step) == 1 and int(kept.guard["skipped"]) == 1 and int(kept.guard["consecutive"]) == 1
-    nan_update = new.replace(params={"w": jnp.asarray([jnp.inf, 0.0])})
-    assert int(apply_guard(cfg, kept, nan_update, jnp.float32(2.0), jnp.float32(1.0)).guard["consecutive"]) == 2
-    applied = apply_guard(cfg, kept, new, jnp.float32(2.0), jnp.float32(1.0))
-    np.testing.assert_array_equal(applied.params["w"], [5.0, 6.0])
-    assert int(applied.guard["consecutive"]) == 0 and int(applied.guard["skipped"]) == 1
+    guard, ok = init_guard_state(), {"vq_state": {"codebook": jnp.ones((4, 2))}}
+    f = jnp.float32
+    assert bool(step_accepted(cfg, guard, f(2.0), f(1.0), ok))
+    assert not bool(step_accepted(cfg, guard, f(jnp.nan), f(1.0), ok))
+    assert not bool(step_accepted(cfg, guard, f(2.0), f(jnp.inf), ok))
+    assert not bool(
+        step_accepted(cfg, guard, f(2.0), f(1.0), {"vq_state": {"codebook": jnp.ones((4, 2)).at[1].set(jnp.nan)}})
+    )
+    skipped = count_step(guard, jnp.asarray(False), f(jnp.nan))
+    assert [int(skipped[k]) for k in ("skipped", "consecutive", "accepted")] == [1, 1, 0]
+    assert float(skipped["loss_ema"]) == 0.0  # a skipped loss never enters the running mean
+    again = count_step(skipped, jnp.asarray(False), f(2.0))
+    applied = count_step(again, jnp.asarray(True), f(2.0))
+    assert [int(applied[k]) for k in ("skipped", "consecutive", "accepted")] == [2, 0, 1]
 
     # Spike guard: off by default; with a factor, a loss far above the running mean is skipped once it has history.
-    warm = old
+    warm = guard
     for _ in range(25):
-        warm = apply_guard(cfg, warm, new, jnp.float32(1.0), jnp.float32(1.0)).replace(params=old.params)
-    assert int(apply_guard(cfg, warm, new, jnp.float32(50.0), jnp.float32(1.0)).guard["skipped"]) == 0
+        warm = count_step(warm, jnp.asarray(True), f(1.0))
+    assert bool(step_accepted(cfg, warm, f(50.0), f(1.0), ok))
     cfg.loss_spike_factor = 3.0
-    assert int(apply_guard(cfg, warm, new, jnp.float32(50.0), jnp.float32(1.0)).guard["skipped"]) == 1
-    assert int(apply_guard(cfg, warm, new, jnp.float32(2.0), jnp.float32(1.0)).guard["skipped"]) == 0
+    assert not bool(step_accepted(cfg, warm, f(50.0), f(1.0), ok))
+    assert bool(step_accepted(cfg, warm, f(2.0), f(1.0), ok))
+    young = guard
+    for _ in range(5):  # too little history: no spike guard yet
+        young = count_step(young, jnp.asarray(True), f(1.0))
+    assert bool(step_accepted(cfg, young, f(50.0), f(1.0), ok))
 
 
 @pytest.mark.slow

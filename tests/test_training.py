@@ -118,6 +118,44 @@ def test_bfloat16_computes_matmuls_in_bfloat16_and_statistics_in_float32(kind):
     assert {loss.dtype} | {m.dtype for m in metrics.values()} == {np.dtype(np.float32)}
 
 
+def test_a_bad_step_changes_nothing_but_the_step_and_the_guard():
+    """The train step's guard (guard.py; the update runs under a lax.cond): a step whose loss is NaN leaves the
+    parameters, the Adam moments and the quantizer state exactly as they were, moves the step counter and counts the
+    skip; the next good step is applied."""
+    cfg = tiny_discrete_config(attention="mla")  # with a quantizer, whose EMA state must be kept on a skip too
+    mesh = sharding.make_mesh(cfg.mesh)
+    opt = train_state.make_optimizer(cfg)
+    state, shardings = train_state.create_train_state(cfg, AbstractinatorPyramid(cfg), mesh, opt)
+    assert state.model_state
+    step = steps.make_train_step(cfg, AbstractinatorPyramid(cfg), mesh, opt, shardings)
+    leaves = lambda tree: jax.tree.leaves(jax.device_get(tree))  # noqa: E731
+    poisoned = jax.tree.map(jnp.copy, state)
+    poisoned = poisoned.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), poisoned.params))
+    before = [leaves(poisoned.params), leaves(poisoned.opt_state), leaves(poisoned.model_state)]
+    with jax.set_mesh(mesh):
+        skipped, m = step(poisoned, sentence_batch())
+        assert not np.isfinite(float(m["loss"]))
+        after = [leaves(skipped.params), leaves(skipped.opt_state), leaves(skipped.model_state)]
+        for part, (a, b) in zip(("params", "opt_state", "model_state"), zip(before, after)):
+            assert len(a) == len(b), part
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(y, x, err_msg=part)  # NaN where it was NaN, bit for bit elsewhere
+        guard = jax.device_get(skipped.guard)
+        assert int(skipped.step) == 1 and (int(guard["skipped"]), int(guard["consecutive"])) == (1, 1)
+
+        good, _ = step(jax.tree.map(jnp.copy, state).replace(step=skipped.step, guard=skipped.guard), sentence_batch())
+        guard = jax.device_get(good.guard)
+        assert (int(guard["skipped"]), int(guard["consecutive"]), int(guard["accepted"])) == (1, 0, 1)
+        changed = lambda a, b: [not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b))]  # noqa: E731
+        assert any(changed(state.opt_state, good.opt_state)) and any(changed(state.model_state, good.model_state))
+        # the skipped step did not advance the optimizer's count: this step's learning rate was warmup's first, 0;
+        # the next one moves the parameters (those with a gradient)
+        params_1 = jax.device_get(good.params)  # a host copy: the step donates `good`
+        good, _ = step(good, sentence_batch())
+        moved = changed(params_1, good.params)
+        assert sum(moved) > len(moved) // 2, f"{sum(moved)} of {len(moved)} parameters moved"
+
+
 def test_learning_rate_schedule_warmup_and_floor():
     cfg = tiny_config()
     cfg.warmup_steps, cfg.max_steps, cfg.learning_rate, cfg.min_lr = 10, 100, 1e-3, 1e-5
