@@ -1,4 +1,5 @@
-"""bench/profile_step.py: op names to model components, and a real trace of a small jitted train step read back."""
+"""bench/profile_step.py: op names to model components, and a real trace of a small jitted train step read back;
+bench/attention_kernel.py at tiny shapes."""
 
 from __future__ import annotations
 
@@ -100,3 +101,20 @@ def test_a_real_trace_is_read_back_by_component():
     for layer in ("body", "head"):
         fwd, bwd = by_path[f"_Net/{layer}"]
         assert fwd > 0 and bwd > 0, (layer, by_path)
+
+
+@pytest.mark.parametrize("args", [["--kind", "causal", "--length", "40"], ["--kind", "window", "--length", "40"]])
+def test_attention_kernel_benchmark_times_a_kernel(args):
+    """bench/attention_kernel.py at tiny shapes: one JSON line with its settings and times; bad head counts refused."""
+    import json
+    import subprocess
+    import sys
+
+    script = str(REPO / "bench" / "attention_kernel.py")
+    tiny = ["--batch_size", "2", "--heads", "2", "--key_width", "8", "--value_width", "8", "--window", "8"]
+    out = subprocess.run([sys.executable, script, *args, *tiny, "--reps", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["kind"] == args[1] and line["length"] == 40 and 0 < line["min_ms"] <= line["median_ms"]
+    bad = subprocess.run([sys.executable, script, *args, *tiny, "--value_heads", "3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--value_heads must be 1 (shared) or --heads=2" in bad.stderr
