@@ -71,6 +71,7 @@ class AbstractinatorPyramid(nn.Module):
                 code_dim=code_dim(cfg.levels[-1]),
                 remat=cfg.remat,
                 row_buckets=cfg.top_row_buckets,
+                batch_chunks=cfg.top_batch_chunks,
                 name="top",
             )
 

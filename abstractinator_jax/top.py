@@ -37,14 +37,35 @@ def _pad_rows(x: jax.Array, q: int) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, q - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def bucketed_loss(module: nn.Module, sizes: tuple[int, ...], code_K: int, outputs: bool):
+def batch_chunks(batch: int, chunks: int) -> int:
+    """The chunks the top runs a batch of `batch` rows in: the largest divisor of `batch` that is at most `chunks`."""
+    return max(d for d in range(1, max(1, min(chunks, batch)) + 1) if batch % d == 0)
+
+
+def _split(x: jax.Array, chunks: int) -> jax.Array:
+    """(B, ...) -> (chunks, B / chunks, ...); chunk c holds batch rows c, c + chunks, c + 2 chunks, ... (a batch
+    sharded in contiguous blocks over devices keeps each chunk's rows on the devices that hold them)."""
+    return jnp.moveaxis(x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]), 1, 0)
+
+
+def _merge(x: jax.Array) -> jax.Array:
+    """_split's inverse: (chunks, B / chunks, ...) -> (B, ...)."""
+    return jnp.moveaxis(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def bucketed_loss(module: nn.Module, sizes: tuple[int, ...], code_K: int, outputs: bool, chunks: int = 1):
     """(params, rows (B, Q, E), valid (B, Q), codes, codebooks) -> (loss, (metrics[, outputs])) of the unbound top
     `module` over the smallest prefix of `sizes` rows that holds every valid row (lax.switch; outputs zero-padded to Q
     rows). Its gradient is computed with the value, inside the same branch (a custom VJP): differentiating a switch
     makes every branch carry the residuals of all of them (memory and zero-filling of the sum of all buckets), where
     this carries only the gradients of the parameters and rows. The loss is a scalar, so its VJP is that gradient
     scaled by the loss's cotangent; valid, codes and codebooks get none (the top scores codes against stopped
-    codebooks)."""
+    codebooks).
+
+    With `chunks` > 1 (a divisor of B) the batch runs in that many chunks of rows, one after another (lax.scan), each
+    over its own smallest bucket: less padding and arrays small enough to stay in cache. The loss and every metric
+    are means over next-row pairs, so the batch's are the chunks' weighted by their share of the pairs, and so is the
+    gradient: the same values as in one pass."""
     q = sizes[-1]
 
     def branch(n):
@@ -71,14 +92,39 @@ def bucketed_loss(module: nn.Module, sizes: tuple[int, ...], code_K: int, output
 
         return f
 
+    def bucketed(fns, params, rows, valid, codes, codebooks):
+        return jax.lax.switch(row_bucket_index(valid, sizes), fns, params, rows, valid, codes, codebooks)
+
+    def over_chunks(grad: bool, params, rows, valid, codes, codebooks):
+        """The bucketed pass (with the gradients of the parameters and rows if `grad`) chunk by chunk."""
+        fns = [(with_grad if grad else branch)(n) for n in sizes]
+        if chunks == 1:
+            return bucketed(fns, params, rows, valid, codes, codebooks)
+        pairs = jnp.sum(_split(next_row_pairs(valid), chunks), axis=(1, 2), dtype=jnp.float32)  # (chunks,)
+        weights = pairs / jnp.maximum(jnp.sum(pairs), 1.0)
+
+        def body(grad_params, xs):
+            w, r, v, c = xs
+            out = bucketed(fns, params, r, v, c, codebooks)
+            (loss, (metrics, *outs)), grads = out if grad else (out, None)
+            grad_rows = None
+            if grad:
+                grad_params = jax.tree.map(lambda a, g: a + g * w.astype(g.dtype), grad_params, grads[0])
+                grad_rows = grads[1] * w.astype(grads[1].dtype)
+            return grad_params, (loss * w, jax.tree.map(lambda m: m * w, metrics), outs, grad_rows)
+
+        xs = (weights, *(None if x is None else _split(x, chunks) for x in (rows, valid, codes)))
+        init = jax.tree.map(jnp.zeros_like, params) if grad else None
+        grad_params, (losses, metrics, outs, grad_rows) = jax.lax.scan(body, init, xs)
+        value = jnp.sum(losses), (jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics), *jax.tree.map(_merge, outs))
+        return (value, (grad_params, _merge(grad_rows))) if grad else value
+
     @jax.custom_vjp
     def run(params, rows, valid, codes, codebooks):
-        index = row_bucket_index(valid, sizes)
-        return jax.lax.switch(index, [branch(n) for n in sizes], params, rows, valid, codes, codebooks)
+        return over_chunks(False, params, rows, valid, codes, codebooks)
 
     def forward(params, rows, valid, codes, codebooks):
-        index = row_bucket_index(valid, sizes)
-        return jax.lax.switch(index, [with_grad(n) for n in sizes], params, rows, valid, codes, codebooks)
+        return over_chunks(True, params, rows, valid, codes, codebooks)
 
     def backward(grads, cotangent):
         g = cotangent[0]  # the loss's; metrics and outputs are not differentiated
@@ -130,6 +176,9 @@ class CodeSequenceTransformer(nn.Module):
     # __call__ runs over the smallest of `row_buckets` equal prefixes of the rows that holds every valid row of the
     # batch (lax.switch: one compiled branch per bucket; the same loss and gradients as over all rows).
     row_buckets: int = 1
+    # ... and runs the batch in this many chunks of rows, one after another, each over its own bucket (at most: the
+    # largest divisor of the batch that is not more; bucketed_loss).
+    batch_chunks: int = 1
 
     def setup(self):
         cfg = self.cfg
@@ -178,9 +227,10 @@ class CodeSequenceTransformer(nn.Module):
         b, q, e = rows.shape
         chex.assert_shape(valid, (b, q))
         sizes = row_bucket_sizes(q, self.row_buckets)
-        if len(sizes) == 1 or self.is_initializing():
+        chunks = batch_chunks(b, self.batch_chunks)
+        if (len(sizes) == 1 and chunks == 1) or self.is_initializing():
             return self._loss(rows, valid, codes, codebooks, code_K, outputs)
-        run = bucketed_loss(self.clone(parent=None), sizes, code_K, outputs)
+        run = bucketed_loss(self.clone(parent=None), sizes, code_K, outputs, chunks)
         loss, rest = run(nn.meta.unbox(self.variables["params"]), rows, valid, codes, codebooks)
         return (loss, *rest)
 

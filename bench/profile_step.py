@@ -7,13 +7,13 @@ model component that emitted it (forward and backward apart), and the slowest si
     python bench/profile_step.py --config configs/stage2_super_tiny.py --trained_workdir runs/stage1  # stage 2
 
 The step is built as bench/vs_original.py builds ours (same flags: --top, --c_output_length, --top_row_buckets,
---trained_workdir), run twice untimed, then traced for --steps steps with jax.profiler. Every op event of the trace is
-mapped to its HLO instruction's op_name (the jax/flax name stack, e.g. `.../level_0/expander/block_3/ffn/w3/...`);
-control flow (while, cond, checkpoint) and the jvp/transpose wrappers are dropped, so a component's forward and
-backward land on one path, `--depth` components long, with the backward share in its own column (a rematerialized
-forward pass runs inside the backward pass and counts there). On a GPU or TPU the device's "XLA Ops" line is read
-(device time; not yet run on one); on the CPU the XLA threads' op events, whose sum can exceed the wall time when two
-ops run at once on different cores.
+--top_batch_chunks, --trained_workdir), run twice untimed, then traced for --steps steps with jax.profiler. Every op
+event of the trace is mapped to its HLO instruction's op_name (the jax/flax name stack, e.g.
+`.../level_0/expander/block_3/ffn/w3/...`); control flow (while, cond, checkpoint) and the jvp/transpose wrappers are
+dropped, so a component's forward and backward land on one path, `--depth` components long, with the backward share in
+its own column (a rematerialized forward pass runs inside the backward pass and counts there). On a GPU or TPU the
+device's "XLA Ops" line is read (device time; not yet run on one); on the CPU the XLA threads' op events, whose sum can
+exceed the wall time when two ops run at once on different cores.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main():
     ap.add_argument("--sequence_length", type=int, default=1024)
     ap.add_argument("--top", action="store_true", help="train the config's top transformer too (use_top_code_lm)")
     ap.add_argument("--top_row_buckets", type=int, default=None)
+    ap.add_argument("--top_batch_chunks", type=int, default=None)
     ap.add_argument("--c_output_length", type=int, default=None)
     ap.add_argument("--trained_workdir", default=None, help="a train.py run of the config: its segmentation")
     ap.add_argument("--steps", type=int, default=2, help="traced steps (averaged)")

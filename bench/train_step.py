@@ -80,7 +80,8 @@ def timed(fn, *args, warmup: int = 2, reps: int = 5):
 
 def apply_overrides(cfg, args) -> None:
     """The config settings a benchmark's flags override (bench/vs_original.py takes the same ones): --top,
-    --top_row_buckets, --c_output_length, and where the benchmark has them --dtype, --attention_impl, --remat."""
+    --top_row_buckets, --top_batch_chunks, --c_output_length, and where the benchmark has them --dtype,
+    --attention_impl, --remat."""
     for key in ("dtype", "attention_impl", "remat"):
         if getattr(args, key, None):
             cfg[key] = getattr(args, key)
@@ -88,6 +89,8 @@ def apply_overrides(cfg, args) -> None:
         cfg.use_top_code_lm = True
     if args.top_row_buckets:
         cfg.top_row_buckets = args.top_row_buckets
+    if getattr(args, "top_batch_chunks", None):
+        cfg.top_batch_chunks = args.top_batch_chunks
     if args.c_output_length:
         cfg.levels[0].c_output_length = args.c_output_length
 
@@ -103,6 +106,7 @@ def run_fields(args, cfg, state, compile_s: float) -> dict:
         "remat": cfg.remat,
         "top": cfg.use_top_code_lm,
         "top_row_buckets": cfg.top_row_buckets if cfg.use_top_code_lm else None,
+        "top_batch_chunks": cfg.top_batch_chunks if cfg.use_top_code_lm else None,
         "batch_size": args.batch_size,
         "sequence_length": args.sequence_length,
         "c_output_length": cfg.levels[0].c_output_length,
@@ -130,6 +134,7 @@ def main():
     ap.add_argument("--remat", default=None, help="none, block or dots (default: the config's)")
     ap.add_argument("--top", action="store_true", help="train the config's top transformer too (use_top_code_lm)")
     ap.add_argument("--top_row_buckets", type=int, default=None, help="the top's row buckets (default: the config's)")
+    ap.add_argument("--top_batch_chunks", type=int, default=None, help="the top's batch chunks (default: the config's)")
     ap.add_argument("--c_output_length", type=int, default=None, help="level 0's segment slots (default: the config's)")
     ap.add_argument(
         "--compile_only", action="store_true", help="compile and report memory only (deterministic on a busy machine)"

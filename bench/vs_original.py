@@ -34,7 +34,8 @@ Then (modes):
         --batch_size 8 --sequence_length 512 --rounds 3 --steps_per_round 2
 
 `--top` trains the config's top transformer in stage 1 on both sides (the original's experiments/tiny.py does; our
-configs/tiny.py leaves it to `--config.use_top_code_lm=True`); `--top_row_buckets N` sets our top's row buckets.
+configs/tiny.py leaves it to `--config.use_top_code_lm=True`); `--top_row_buckets N` and `--top_batch_chunks N` set our
+top's row buckets and batch chunks.
 
 Both models are built from the same config (the original's from its components/, sized by our config's fields);
 each side compiles first (ours: jit; the original: eager, or `--torch_compile` as its train.py does), then the
@@ -686,6 +687,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5, help="--components: timed repetitions per part (median)")
     ap.add_argument("--top", action="store_true", help="both sides train the config's top transformer (stage 1)")
     ap.add_argument("--top_row_buckets", type=int, default=None, help="ours: the top's row buckets (config's default)")
+    ap.add_argument("--top_batch_chunks", type=int, default=None, help="ours: the top's batch chunks (config's)")
     ap.add_argument(
         "--c_output_length",
         type=int,

@@ -55,6 +55,7 @@ def get_config():
 
     c.use_top_code_lm = True  # the top trains with the level (stage 1)
     c.top_row_buckets = 4  # 1024, 2048, 3072 or 4096 top rows: 4 compiled branches (compile time on one GPU call)
+    c.top_batch_chunks = 1  # the whole batch in one pass: chunks keep a CPU's caches warm; a GPU wants the work at once
     c.sequence_length = 8192  # bytes per row
     c.batch_size = 16  # rows per step: 131,072 bytes (see the docstring's memory estimate)
     c.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32

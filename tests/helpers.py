@@ -46,6 +46,7 @@ def tiny_config(seq_len: int = 64, batch_size: int = 4, attention: str = "mha"):
     lv.attention_type = attention
     cfg.top_transformer_config.attention_type = attention
     cfg.top_row_buckets = 2  # the bucketed top (lax.switch) at the least compile cost; test_pyramid checks buckets
+    cfg.top_batch_chunks = 1  # the top in one pass (the least compile cost); test_pyramid's stage 2 runs chunks
     cfg.sequence_length = seq_len
     cfg.batch_size = batch_size
     cfg.warmup_steps = 10

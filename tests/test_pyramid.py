@@ -66,6 +66,7 @@ def two_level_config(stage: int = 1, init_from: str = ""):
         cfg.max_steps = STAGE2_STEPS
         cfg.warmup_steps = 2
         cfg.learning_rate = 3e-3
+        cfg.top_batch_chunks = 2  # the stage-2 steps train the top in chunks of the batch (2 rows each)
     return cfg
 
 
@@ -377,6 +378,16 @@ def test_top_transformer_is_causal_and_ignores_invalid_rows():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
+def test_batch_chunks_is_the_largest_divisor_of_the_batch_within_the_setting():
+    assert [top.batch_chunks(8, c) for c in (1, 2, 3, 4, 5, 8, 16)] == [1, 2, 2, 4, 4, 8, 8]
+    assert [top.batch_chunks(6, 4), top.batch_chunks(7, 4), top.batch_chunks(1, 4)] == [3, 1, 1]
+    x = jnp.arange(8 * 3).reshape(8, 3)
+    chunks = top._split(x, 4)
+    assert chunks.shape == (4, 2, 3)
+    np.testing.assert_array_equal(chunks[1], x[jnp.array([1, 5])])  # chunk c holds rows c, c + 4
+    np.testing.assert_array_equal(top._merge(chunks), x)
+
+
 def test_row_buckets_pick_the_smallest_prefix_holding_every_valid_row():
     assert top.row_bucket_sizes(8, 4) == (2, 4, 6, 8)
     assert top.row_bucket_sizes(7, 3) == (3, 5, 7)
@@ -394,14 +405,16 @@ def test_row_buckets_pick_the_smallest_prefix_holding_every_valid_row():
 
 @pytest.mark.parametrize("continuous", [True, False])
 def test_top_over_row_buckets_equals_top_over_every_row(continuous):
-    """The bucketed top (lax.switch over prefixes, its gradient computed in the branch) gives the loss, metrics,
+    """The bucketed top (lax.switch over prefixes, its gradient computed in the branch), alone and run in chunks of
+    the batch (each over its own bucket, weighted by its share of the next-row pairs), gives the loss, metrics,
     gradients (parameters and input rows) and (at valid rows) outputs of the top over every slot: for batches whose
-    valid rows end early, in the middle, at the last slot, or nowhere."""
+    valid rows end early, in the middle, at the last slot, or nowhere, with chunks of one row that hold no pair."""
     tcfg = copy.deepcopy(two_level_config(stage=2).top_transformer_config)
     tcfg.continuous = continuous
     q, k, d_c = 8, 16, 8
     full = top.CodeSequenceTransformer(tcfg, code_dim=d_c)
     bucketed = top.CodeSequenceTransformer(tcfg, code_dim=d_c, row_buckets=4)  # buckets of 2, 4, 6, 8 rows
+    chunked = top.CodeSequenceTransformer(tcfg, code_dim=d_c, row_buckets=4, batch_chunks=3)  # a chunk per row
     rng = np.random.default_rng(5)
     rows = jnp.asarray(rng.normal(size=(3, q, 48)), jnp.float32)
     codes = jnp.asarray(rng.integers(0, k - 4, (3, q)), jnp.int32)
@@ -416,7 +429,7 @@ def test_top_over_row_buckets_equals_top_over_every_row(continuous):
             return out[0], out
 
         grad = functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)  # parameters and rows
-        outs = [grad(functools.partial(loss, m=m))(params, rows) for m in (full, bucketed)]
+        outs = [grad(functools.partial(loss, m=m))(params, rows) for m in (full, bucketed, chunked)]
         return outs, top.row_bucket_index(valid, top.row_bucket_sizes(q, 4))
 
     patterns = {
@@ -428,20 +441,23 @@ def test_top_over_row_buckets_equals_top_over_every_row(continuous):
     chosen = {}
     for name, pattern in patterns.items():
         valid = jnp.asarray(pattern, bool)
-        (((lf, (_, mf, of)), gf), ((lb, (_, mb, ob)), gb)), index = host(run(params, valid))
+        (((lf, (_, mf, of)), gf), *others), index = host(run(params, valid))
         chosen[name] = int(index)
-        np.testing.assert_allclose(lb, lf, rtol=1e-5, atol=1e-7, err_msg=name)
-        for key in mf:
-            np.testing.assert_allclose(mb[key], mf[key], rtol=1e-5, atol=1e-7, err_msg=f"{name} {key}")
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gf), jax.tree.leaves(gb)):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=f"{name} {jax.tree_util.keystr(path)}")
         # outputs agree at rows with a next-row target (row t predicts t+1; the last row of a bucket has none)
         pairs = np.zeros((3, q), bool)
         pairs[:, :-1] = np.asarray(top.next_row_pairs(valid))
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(of), jax.tree.leaves(ob)):
-            assert a.shape == b.shape, (name, path)
-            if a.ndim >= 2 and a.shape[:2] == (3, q):
-                np.testing.assert_allclose(b[pairs], a[pairs], rtol=1e-5, atol=1e-5, err_msg=f"{name} {path}")
+        for variant, ((lb, (_, mb, ob)), gb) in zip(("bucketed", "chunked"), others):
+            what = f"{name}, {variant}"
+            np.testing.assert_allclose(lb, lf, rtol=1e-5, atol=1e-7, err_msg=what)
+            assert mb.keys() == mf.keys(), what
+            for key in mf:
+                np.testing.assert_allclose(mb[key], mf[key], rtol=1e-5, atol=1e-7, err_msg=f"{what} {key}")
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gf), jax.tree.leaves(gb), strict=True):
+                np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=f"{what} {jax.tree_util.keystr(path)}")
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(of), jax.tree.leaves(ob), strict=True):
+                assert a.shape == b.shape, (what, path)
+                if a.ndim >= 2 and a.shape[:2] == (3, q):
+                    np.testing.assert_allclose(b[pairs], a[pairs], rtol=1e-5, atol=1e-5, err_msg=f"{what} {path}")
         if continuous and name == "nowhere":
             assert float(lf) == 0.0
     # each pattern ran the branch its last valid row asks for (2, 6, 8 and 2 rows)
