@@ -208,6 +208,7 @@ _MESH_SCRIPT = textwrap.dedent(
     # code tables and projections are parameters too; 256 codes = 2 chunks of the nearest-code search's scan
     cfg.levels[0].c_vq_K, cfg.levels[0].c_vq_d_c = 256, 16
     cfg.use_top_code_lm = True
+    cfg.top_batch_chunks = 2  # the top runs the sharded batch in chunks (top._split) on every mesh
     top = cfg.top_transformer_config
     top.embed_dim, top.dim, top.num_layers, top.num_heads, top.continuous = 32, 32, 1, 2, False
     batch = sentence_batch()
