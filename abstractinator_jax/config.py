@@ -488,6 +488,12 @@ def _check_stage0(cfg: ConfigDict) -> list[str]:
     return p
 
 
+def top_batch_chunks(batch: int, chunks: int) -> int:
+    """The chunks the top transformer runs a batch of `batch` rows in for the setting `top_batch_chunks=chunks`: the
+    largest divisor of `batch` that is at most `chunks`."""
+    return max(d for d in range(1, max(1, min(chunks, batch)) + 1) if batch % d == 0)
+
+
 def clamp_segment_slots(cfg: ConfigDict) -> list[str]:
     """Lower each level's segment slots (c_output_length // c_num_queries) to the rows it can have: level 0 has at
     most sequence_length segments, level k at most the slots of level k-1. Every extra slot would be wasted compute,
@@ -557,7 +563,7 @@ def validate_config(cfg: ConfigDict) -> ConfigDict:
                 "top_batch_chunks=%d does not divide batch_size=%d: the top runs the batch in %d chunks.",
                 chunks,
                 cfg.batch_size,
-                max(d for d in range(1, min(chunks, cfg.batch_size) + 1) if cfg.batch_size % d == 0),
+                top_batch_chunks(cfg.batch_size, chunks),
             )
         if cfg.sequence_length < 2:
             problems.append("sequence_length must be >= 2 (BOS + at least one byte).")

@@ -13,6 +13,7 @@ from ml_collections import ConfigDict
 from . import axes
 from .blocks import TransformerBlock, run_stack, top_attention
 from .codes import CodeCodec, residual_code_logits
+from .config import top_batch_chunks
 from .layers import dense, rms_norm
 from .losses import masked_cross_entropy
 
@@ -35,11 +36,6 @@ def row_bucket_index(valid: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
 def _pad_rows(x: jax.Array, q: int) -> jax.Array:
     """(B, n, ...) -> (B, q, ...) with zeros after row n."""
     return jnp.pad(x, [(0, 0), (0, q - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-
-
-def batch_chunks(batch: int, chunks: int) -> int:
-    """The chunks the top runs a batch of `batch` rows in: the largest divisor of `batch` that is at most `chunks`."""
-    return max(d for d in range(1, max(1, min(chunks, batch)) + 1) if batch % d == 0)
 
 
 def _split(x: jax.Array, chunks: int) -> jax.Array:
@@ -227,7 +223,7 @@ class CodeSequenceTransformer(nn.Module):
         b, q, e = rows.shape
         chex.assert_shape(valid, (b, q))
         sizes = row_bucket_sizes(q, self.row_buckets)
-        chunks = batch_chunks(b, self.batch_chunks)
+        chunks = top_batch_chunks(b, self.batch_chunks)
         if (len(sizes) == 1 and chunks == 1) or self.is_initializing():
             return self._loss(rows, valid, codes, codebooks, code_K, outputs)
         run = bucketed_loss(self.clone(parent=None), sizes, code_K, outputs, chunks)

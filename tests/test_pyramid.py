@@ -23,7 +23,7 @@ from abstractinator_jax import steps, top, train_state
 from abstractinator_jax.build import check_init_from
 from abstractinator_jax.checkpointing import CheckpointError, CheckpointManager
 from abstractinator_jax.codes import residual_code_logits
-from abstractinator_jax.config import ConfigError, to_dict, validate_config
+from abstractinator_jax.config import ConfigError, to_dict, top_batch_chunks, validate_config
 from abstractinator_jax.model import AbstractinatorPyramid
 from abstractinator_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
 from abstractinator_jax.summaries import read_scalars
@@ -378,9 +378,9 @@ def test_top_transformer_is_causal_and_ignores_invalid_rows():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
-def test_batch_chunks_is_the_largest_divisor_of_the_batch_within_the_setting():
-    assert [top.batch_chunks(8, c) for c in (1, 2, 3, 4, 5, 8, 16)] == [1, 2, 2, 4, 4, 8, 8]
-    assert [top.batch_chunks(6, 4), top.batch_chunks(7, 4), top.batch_chunks(1, 4)] == [3, 1, 1]
+def test_top_batch_chunks_is_the_largest_divisor_of_the_batch_within_the_setting():
+    assert [top_batch_chunks(8, c) for c in (1, 2, 3, 4, 5, 8, 16)] == [1, 2, 2, 4, 4, 8, 8]
+    assert [top_batch_chunks(6, 4), top_batch_chunks(7, 4), top_batch_chunks(1, 4)] == [3, 1, 1]
     x = jnp.arange(8 * 3).reshape(8, 3)
     chunks = top._split(x, 4)
     assert chunks.shape == (4, 2, 3)
