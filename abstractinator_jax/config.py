@@ -240,8 +240,9 @@ def base_config() -> ConfigDict:
     c.top_row_buckets = 8
     # ... and runs the batch in this many chunks of rows, one after another, each over its own bucket (the same loss and
     # gradients: top.bucketed_loss; at most: the largest divisor of the batch that is not more). 4 by the benchmark
-    # (B=8, BENCHMARKS.md): stage 2 at S=1024 1.94 s a step instead of 2.29 s and 0.45 GB XLA temp instead of 1.47;
-    # tiny + top 3.70 s instead of 4.27 s. 1 = the whole batch at once.
+    # (B=8, one process alternating the settings, BENCHMARKS.md): stage 2 at S=1024 1.94 s a step instead of 2.29 s
+    # and 0.45 GB XLA temp instead of 1.47; tiny + top at S=1024 3.70-3.81 s instead of 4.16-4.27 s. 1 = the whole
+    # batch at once.
     c.top_batch_chunks = 4
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: all remaining devices
     # Logging, evaluation, checkpoints.
